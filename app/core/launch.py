@@ -1,0 +1,322 @@
+"""Launch a run: connect, push the worker code, start one worker per device, stream
+telemetry into a :class:`RunState`, and leave no worker behind.
+
+Everything here is asyncio + asyncssh.  The CLI runs it with ``asyncio.run``; the GUI
+runs it on its own event-loop thread (``app.core.loop``).
+
+Stopping is explicit: each worker prints its PID first (``exec`` keeps the shell's PID),
+and on any ending the launcher kills those PIDs over a fresh channel.  Closing a
+channel is not enough: OpenSSH running as root ignores the client's signals.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncssh
+
+import workers
+from workers.config import JobConfig
+
+from .inventory import Device
+from .runstate import RunState
+from .ssh import KnownHosts, SSHError, connect
+from .telemetry import TelemetryParser
+
+log = logging.getLogger("edgetrain.launch")
+WORKERS_DIR = Path(workers.__file__).resolve().parent
+PID_TAG = "EDGETRAIN_PID"
+EXIT_OOM = 3
+
+
+class LaunchError(RuntimeError):
+    """The run could not start or failed; ``device`` names the device at fault, if one."""
+
+    def __init__(self, message: str, device: str | None = None) -> None:
+        super().__init__(message)
+        self.device = device
+
+
+def worker_files() -> list[Path]:
+    """The files a device needs to run a worker (the ``workers`` package)."""
+    return sorted(p for p in WORKERS_DIR.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def workers_digest() -> str:
+    """Content hash of the worker code: names the install directory on each device."""
+    h = hashlib.sha256()
+    for p in worker_files():
+        h.update(str(p.relative_to(WORKERS_DIR)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+@dataclass
+class _Worker:
+    device: Device
+    rank: int
+    conn: asyncssh.SSHClientConnection
+    remote_dir: str = ""
+    proc: asyncssh.SSHClientProcess | None = None
+    pid: int | None = None
+    stderr_tail: list[str] = field(default_factory=list)
+    exit_status: int | None = None
+    exit_signal: str | None = None
+
+
+async def push_workers(conn: asyncssh.SSHClientConnection, device: Device) -> str:
+    """Make the worker code available on the device; returns its directory there.
+
+    The directory is named after the code's hash and completed with a marker file, so
+    an unchanged install is reused and a half-finished copy is never trusted.
+    """
+    digest = workers_digest()
+    remote = f"{device.workdir.rstrip('/')}/workers-{digest}"
+    async with conn.start_sftp_client() as sftp:
+        if await sftp.exists(f"{remote}/.complete"):
+            return remote
+        for p in worker_files():
+            rel = p.relative_to(WORKERS_DIR.parent).as_posix()
+            await sftp.makedirs(f"{remote}/{Path(rel).parent.as_posix()}", exist_ok=True)
+            await sftp.put(str(p), f"{remote}/{rel}")
+        async with sftp.open(f"{remote}/.complete", "w") as f:
+            await f.write(digest + "\n")
+    return remote
+
+
+async def pick_port(conn: asyncssh.SSHClientConnection, device: Device) -> int:
+    """A free TCP port on the rendezvous device, chosen by the device itself."""
+    code = (f"import socket;s=socket.socket();s.bind(({device.host!r},0));"
+            "print(s.getsockname()[1])")
+    res = await conn.run(f"{shlex.quote(device.python)} -c {shlex.quote(code)}", check=False)
+    try:
+        return int(str(res.stdout).strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise LaunchError(f"device '{device.name}' could not run {device.python} to pick a rendezvous port: "
+                          f"{str(res.stderr).strip()[:300]}. Fix: set 'python:' for this device in the "
+                          "inventory to an interpreter that has torch", device.name) from None
+
+
+async def kill_remote(conn: asyncssh.SSHClientConnection, pid: int, grace_s: float = 2.0) -> None:
+    """TERM then KILL a remote process group (the worker leads its own session)."""
+    cmd = (f"kill -TERM -{pid} 2>/dev/null || kill -TERM {pid} 2>/dev/null; "
+           f"for i in $(seq {int(grace_s * 10)}); do kill -0 {pid} 2>/dev/null || exit 0; sleep 0.1; done; "
+           f"kill -KILL -{pid} 2>/dev/null || kill -KILL {pid} 2>/dev/null; exit 0")
+    try:
+        await asyncio.wait_for(conn.run(cmd, check=False), grace_s + 5)
+    except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
+        log.warning("could not kill remote pid %s: %s", pid, exc)
+
+
+class Launcher:
+    """Runs one job over the given devices (rank = position in ``devices``).
+
+    Parameters
+    ----------
+    devices
+        Participants in rank order (pipeline order for pp/hybrid).
+    job
+        The job; ``run_id``, ranks, addresses and the port are filled in here.
+    known_hosts
+        EdgeTrain's trusted-domain store.
+    state
+        Receives every record and status change.
+    """
+
+    def __init__(self, devices: list[Device], job: JobConfig, known_hosts: KnownHosts, state: RunState) -> None:
+        if not devices:
+            raise LaunchError("no devices selected. Fix: select at least one device")
+        self.devices, self.job, self.known_hosts, self.state = devices, job, known_hosts, state
+        self.parser = TelemetryParser()
+        self.workers: list[_Worker] = []
+        self._failure: LaunchError | None = None
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        """Ask the run to stop (thread-unsafe: call on the launcher's loop)."""
+        self._stop.set()
+
+    async def run(self) -> str:
+        """Run to the end; returns the outcome (``done``, ``failed``, ``oom``, ``stopped``).
+
+        Raises
+        ------
+        LaunchError
+            When the run cannot start (unreachable device, host key, no python); the
+            message names the device.  Failures during training end in an outcome instead.
+        """
+        outcome = "failed"
+        try:
+            await self._connect_all()
+            await self._prepare()
+            outcome = await self._run_workers()
+        except (SSHError, LaunchError) as exc:
+            dev = getattr(exc, "device", None)
+            self.state.add_event(dev, "error", str(exc))
+            if dev in self.state.devices:
+                self.state.set_status(dev, "failed", str(exc))
+            outcome = "failed"
+            raise LaunchError(str(exc), dev) from None
+        except asyncio.CancelledError:
+            outcome = "stopped"
+            raise
+        finally:
+            await asyncio.shield(self._cleanup())
+            self.state.rejected_lines = self.parser.total_rejected
+            self.state.finish(outcome)
+        return outcome
+
+    async def _connect_all(self) -> None:
+        for name in self.state.devices:
+            self.state.set_status(name, "connecting")
+        results = await asyncio.gather(*(connect(d, self.known_hosts) for d in self.devices),
+                                       return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        conns = [r for r in results if not isinstance(r, BaseException)]
+        if errors:
+            for c in conns:
+                c.close()
+            raise errors[0]
+        self.workers = [_Worker(d, rank, c) for rank, (d, c) in enumerate(zip(self.devices, conns))]
+
+    async def _prepare(self) -> None:
+        dirs = await asyncio.gather(*(push_workers(w.conn, w.device) for w in self.workers))
+        for w, d in zip(self.workers, dirs):
+            w.remote_dir = d
+        job = self.job
+        job.world_size = len(self.workers)
+        job.addrs = [w.device.host for w in self.workers]
+        job.devices = [w.device.name for w in self.workers]
+        job.master_addr = self.workers[0].device.host
+        job.master_port = await pick_port(self.workers[0].conn, self.workers[0].device)
+        job.validate()
+
+    def _command(self, w: _Worker) -> str:
+        py = shlex.quote(w.device.python)
+        d = shlex.quote(w.remote_dir)
+        return (f"cd {d} && echo {PID_TAG} $$ && exec env PYTHONPATH={d} PYTHONUNBUFFERED=1 "
+                f"{py} -m workers.train --rank {w.rank} --config-b64 {self.job.to_b64()}")
+
+    async def _run_workers(self) -> str:
+        for w in self.workers:
+            w.proc = await w.conn.create_process(self._command(w), stdin=asyncssh.DEVNULL)
+            self.state.set_status(w.device.name, "starting")
+        tasks = {asyncio.ensure_future(self._watch(w)): w for w in self.workers}
+        stop_task = asyncio.ensure_future(self._stop.wait())
+        pending = set(tasks)
+        outcome = "done"
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending | {stop_task}, return_when=asyncio.FIRST_COMPLETED)
+                if stop_task in done:
+                    self.state.add_event(None, "info", "run stopped by the user")
+                    for w in self.workers:
+                        if w.exit_status is None and w.exit_signal is None:
+                            self.state.set_status(w.device.name, "stopped")
+                    return "stopped"
+                for t in done:
+                    pending.discard(t)
+                    w = tasks[t]
+                    if t.exception() is not None:
+                        msg = f"lost the connection to device '{w.device.name}': {t.exception()}"
+                        self.state.set_status(w.device.name, "failed", msg)
+                        self.state.add_event(w.device.name, "failure", msg)
+                        return "failed"
+                    verdict = self._judge(w)
+                    if verdict != "done":
+                        # one device failing ends the run: the others would block in
+                        # their next collective until the process-group timeout
+                        return verdict
+            return outcome
+        finally:
+            stop_task.cancel()
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+
+    def _judge(self, w: _Worker) -> str:
+        """Outcome of a finished worker; records a failure event naming the device."""
+        name = w.device.name
+        dev = self.state.devices[name]
+        if w.exit_status == 0 and dev.status == "done":
+            return "done"
+        if w.exit_signal:
+            dev.exit = f"signal {w.exit_signal}"
+        else:
+            dev.exit = f"exit {w.exit_status}"
+        if dev.status == "oom" or w.exit_status == EXIT_OOM:
+            if dev.status != "oom":
+                self.state.set_status(name, "oom", "out of memory")
+                self.state.add_event(name, "oom", f"{name}: out of memory")
+            return "oom"
+        if w.exit_signal == "KILL" and dev.status not in ("failed",):
+            # SIGKILL with no message of its own: the kernel's OOM killer or a person
+            msg = (f"worker on device '{name}' was killed (SIGKILL) during {dev.status}; "
+                   "if the device ran out of memory, its kernel log shows the OOM killer")
+        elif dev.status == "failed" and dev.message:
+            msg = f"worker on device '{name}' failed: {dev.message}"
+        else:
+            tail = " | ".join(w.stderr_tail[-3:])
+            msg = f"worker on device '{name}' ended with {dev.exit} before finishing" + (f": {tail}" if tail else "")
+        self.state.set_status(name, "failed", msg)
+        self.state.add_event(name, "failure", msg)
+        return "failed"
+
+    async def _watch(self, w: _Worker) -> None:
+        assert w.proc is not None
+        name = w.device.name
+
+        async def stderr() -> None:
+            async for line in w.proc.stderr:
+                if line.strip():
+                    w.stderr_tail = (w.stderr_tail + [line.rstrip()])[-20:]
+
+        err_task = asyncio.ensure_future(stderr())
+        async for line in w.proc.stdout:
+            if w.pid is None and line.startswith(PID_TAG):
+                try:
+                    w.pid = int(line.split()[1])
+                except (IndexError, ValueError):
+                    pass
+                continue
+            rec = self.parser.feed(name, line)
+            if rec is not None:
+                self.state.feed(rec)
+        await w.proc.wait()
+        await asyncio.gather(err_task, return_exceptions=True)
+        w.exit_status = w.proc.exit_status
+        w.exit_signal = (w.proc.exit_signal or (None,))[0]
+
+    async def _cleanup(self) -> None:
+        """Kill every worker still running, then close the connections."""
+        kills = []
+        for w in self.workers:
+            alive = w.proc is not None and w.proc.exit_status is None and w.proc.exit_signal is None
+            if alive and w.pid is not None:
+                kills.append(kill_remote(w.conn, w.pid))
+                if self.state.devices[w.device.name].status in ("pending", "connecting", "starting", "running"):
+                    self.state.set_status(w.device.name, "stopped")
+        if kills:
+            await asyncio.gather(*kills, return_exceptions=True)
+        for w in self.workers:
+            if w.proc is not None:
+                try:
+                    await asyncio.wait_for(w.proc.wait(), 3)
+                except (asyncio.TimeoutError, asyncssh.Error, OSError):
+                    w.proc.close()
+            w.conn.close()
+        for w in self.workers:
+            try:
+                await asyncio.wait_for(w.conn.wait_closed(), 2)
+            except (asyncio.TimeoutError, OSError, asyncssh.Error):
+                pass

@@ -1,0 +1,71 @@
+"""What every parallelism provides to the worker's training loop.
+
+A parallelism lives in ``workers/parallel/<name>.py`` and exposes
+``build(cfg, rank, model, device) -> Trainer``.  The loop hands each trainer the same
+deterministic *global* mini-batch on every rank; the trainer takes the part its rank
+works on.  This is what makes every parallelism comparable with one-device training.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import JobConfig
+
+
+@dataclass
+class StepResult:
+    """One iteration (one global mini-batch) on one rank."""
+
+    loss: float | None        # global-batch loss where this rank knows it, else None
+    samples: int              # samples of the global batch this iteration covered
+    local_samples: int        # samples this rank computed on (for per-device rates)
+    synced: bool              # an optimizer step happened in this iteration
+    comm_s: float = 0.0       # time spent in collectives we could time, seconds
+
+
+class Trainer:
+    """Base class: holds the model part of this rank and its optimizer.
+
+    ``phase`` names what the trainer is doing (``load``, ``forward``, ``backward``,
+    ``optimizer``) so an allocation failure can be reported with where it happened.
+    """
+
+    phase: str = "load"
+    role: str = "replica"     # shown in telemetry: replica, stage N, shard N/W
+
+    def train_step(self, it: int, ids: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        raise NotImplementedError
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Parameters this rank holds, by the full model's parameter names (for checks)."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Flush any accumulated gradients (called once after the last iteration)."""
+
+
+def make_optimizer(params, cfg: JobConfig) -> torch.optim.Optimizer:
+    # AdamW without weight decay on every parallelism, so a shard's update equals the
+    # matching slice of the single-device update (element-wise optimizer).
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels)
+
+
+def rank_slice(n: int, rank: int, world: int) -> slice:
+    """Contiguous, near-equal split of ``n`` items: rank's part."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
+def build(cfg: JobConfig, rank: int, model, device: torch.device) -> Trainer:
+    """Instantiate the trainer of ``cfg.parallelism`` for this rank."""
+    module = importlib.import_module(f"workers.parallel.{cfg.parallelism}")
+    return module.build(cfg, rank, model, device)

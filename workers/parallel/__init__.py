@@ -1,0 +1,1 @@
+"""One module per parallelism; each exposes ``build(cfg, rank, model, device)``."""

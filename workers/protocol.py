@@ -1,0 +1,126 @@
+"""Telemetry protocol v1: one JSON object per line on the worker's stdout.
+
+The worker writes, the controller (``app.core.telemetry``) parses.  This module is the
+single definition of the schema; it has no dependency beyond the standard library so
+the controller can import it without torch.
+
+Every record has ``v`` (protocol version), ``type``, ``run``, ``rank``, ``device`` and
+``t`` (unix time, seconds).  Per type, the fields below are required; any other field
+is optional and carried through unchanged.  See ``docs/TELEMETRY.md``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from typing import IO, Any
+
+VERSION = 1
+#: Prefix-free marker so the controller can tell telemetry from library chatter that
+#: also lands on stdout (warnings, prints of third-party code).
+COMMON_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "v": int,
+    "type": str,
+    "run": str,
+    "rank": int,
+    "device": str,
+    "t": (int, float),
+}
+NUM = (int, float)
+REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
+    # first line of every worker: what it is and how it measures
+    "hello": {"world_size": int, "parallelism": str, "model": str, "pid": int},
+    # one optimizer step (or micro step for accumulation) finished on this rank
+    "step": {"step": int, "samples": int, "latency_s": NUM, "latency_per_sample_s": NUM},
+    # a notable event: phase changes, sync, warnings
+    "event": {"name": str, "message": str},
+    # an allocation failed on this device
+    "oom": {"phase": str, "message": str},
+    # any other failure
+    "error": {"message": str},
+    # the worker finished normally
+    "done": {"steps": int, "samples": int, "wall_s": NUM},
+}
+TYPES = tuple(REQUIRED)
+
+
+class ProtocolError(ValueError):
+    """A telemetry line that does not follow protocol v1."""
+
+
+def validate(obj: Any) -> dict:
+    """Check one decoded record against the v1 schema.
+
+    Parameters
+    ----------
+    obj
+        The decoded JSON value.
+
+    Returns
+    -------
+    dict
+        The same record.
+
+    Raises
+    ------
+    ProtocolError
+        Naming the first field that is missing or of the wrong type.
+    """
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"record is a {type(obj).__name__}, expected a JSON object")
+    if obj.get("v") != VERSION:
+        raise ProtocolError(f"unsupported protocol version v={obj.get('v')!r} (this controller speaks v{VERSION})")
+    kind = obj.get("type")
+    if kind not in REQUIRED:
+        raise ProtocolError(f"unknown record type {kind!r}; expected one of {', '.join(TYPES)}")
+    for fields in (COMMON_FIELDS, REQUIRED[kind]):
+        for name, typ in fields.items():
+            if name not in obj:
+                raise ProtocolError(f"{kind} record lacks field {name!r}")
+            value = obj[name]
+            # bool is an int subclass; a flag where a count belongs is a bug upstream
+            if isinstance(value, bool) or not isinstance(value, typ):
+                raise ProtocolError(f"{kind} record field {name!r} has {type(value).__name__} {value!r}")
+    return obj
+
+
+def parse_line(line: str | bytes) -> dict:
+    """Decode and validate one telemetry line (raises :class:`ProtocolError`)."""
+    if isinstance(line, bytes):
+        line = line.decode("utf-8", "replace")
+    line = line.strip()
+    if not line.startswith("{"):
+        raise ProtocolError(f"not a JSON object: {line[:80]!r}")
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(f"bad JSON ({exc.msg} at column {exc.colno}): {line[:80]!r}") from None
+    return validate(obj)
+
+
+class Emitter:
+    """Writes telemetry records for one worker; thread-safe, one flush per record."""
+
+    def __init__(self, run: str, rank: int, device: str, stream: IO[str] | None = None) -> None:
+        self.run, self.rank, self.device = run, rank, device
+        self._stream = stream if stream is not None else sys.stdout
+        self._lock = threading.Lock()
+
+    def emit(self, type: str, **fields: Any) -> dict:
+        """Write one record of ``type`` with ``fields``; returns the record."""
+        rec = {"v": VERSION, "type": type, "run": self.run, "rank": self.rank,
+               "device": self.device, "t": time.time(), **fields}
+        validate(rec)
+        line = json.dumps(rec, separators=(",", ":"), default=_default)
+        with self._lock:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+        return rec
+
+
+def _default(value: Any) -> Any:
+    # numpy / torch scalars
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)

@@ -1,0 +1,150 @@
+"""Worker entry point: ``python -m workers.train --rank R --config-b64 JOB``.
+
+One worker per device.  It joins the run's process group, builds its part of the model,
+trains on the deterministic global batches, and reports everything as telemetry v1 on
+stdout (``workers.protocol``).  Exit codes: 0 done, 3 out of memory, 1 any other error.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import socket
+import sys
+import time
+import traceback
+
+EXIT_OK, EXIT_ERROR, EXIT_OOM = 0, 1, 3
+
+
+def _param_digest(state: dict) -> str:
+    """sha256 over names and exact bytes of the parameters this rank holds."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        h.update(name.encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _env_float(name: str) -> float | None:
+    value = os.environ.get(name)
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+def run(cfg, rank: int, emitter) -> int:
+    """Train per ``cfg`` as ``rank``; returns the exit code.  Imports torch lazily so
+    the ``hello`` line goes out before the slow imports."""
+    from .memory import PeakTracker, is_oom_error, memory_limit_bytes, rss_bytes
+
+    limit, limit_src = memory_limit_bytes()
+    device_name = cfg.devices[rank]
+    phase = "import"
+    trainer = None
+    tracker = PeakTracker()
+    try:
+        import torch
+
+        from . import dist as edist
+        from . import engine
+        from .data import global_batch, load_dataset
+        from .energy import select_meter
+        from .models import build_model
+
+        threads = cfg.threads or int(os.environ.get("EDGETRAIN_EMU_THREADS", "0") or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        torch.manual_seed(cfg.seed)
+        phase = "rendezvous"
+        device = edist.init(rank, cfg.world_size, cfg.master_addr, cfg.master_port, cfg.addrs[rank],
+                            device=cfg.device, timeout_s=cfg.timeout_s)
+        emitter.emit("event", name="joined", message=f"joined process group as rank {rank}/{cfg.world_size}")
+        phase = "load"
+        model = build_model(cfg.model, weights=cfg.weights, seed=cfg.seed)
+        data, _vocab = load_dataset(cfg.dataset, model.family, model.preset.vocab_size, cfg.seq_len,
+                                    cfg.seed, tokenizer_dir=cfg.tokenizer)
+        trainer = engine.build(cfg, rank, model, device)
+        tracker.sample()
+        meter = select_meter(cfg.device, cuda_index=device.index or 0,
+                             p_idle_w=cfg.power.get("p_idle_w") or _env_float("EDGETRAIN_EMU_P_IDLE_W"),
+                             p_max_w=cfg.power.get("p_max_w") or _env_float("EDGETRAIN_EMU_P_MAX_W"))
+        meter.start()
+        emitter.emit("event", name="ready", message=f"model {cfg.model} loaded as {trainer.role}",
+                     role=trainer.role, rss_bytes=rss_bytes(), mem_limit_bytes=limit,
+                     energy_source=meter.source, energy_method=meter.method)
+        t_start = time.perf_counter()
+        last_j = 0.0
+        samples_done = 0
+        for it in range(cfg.steps):
+            ids, labels = global_batch(data, it, cfg.batch_size, cfg.seed)
+            t0 = time.perf_counter()
+            res = trainer.train_step(it, ids, labels)
+            if cfg.device == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            phase = trainer.phase
+            tracker.sample()
+            reading = meter.read()
+            step_j, last_j = reading.joules - last_j, reading.joules
+            samples_done += res.samples
+            if (it + 1) % cfg.telemetry_every == 0 or it + 1 == cfg.steps:
+                emitter.emit(
+                    "step", step=it, samples=res.samples, local_samples=res.local_samples,
+                    latency_s=dt, latency_per_sample_s=dt / max(1, res.samples),
+                    throughput_sps=res.samples / dt if dt > 0 else 0.0, loss=res.loss, synced=res.synced,
+                    energy_j=step_j, energy_source=reading.source, energy_method=reading.method,
+                    baseline_subtracted=reading.baseline_subtracted,
+                    rss_bytes=rss_bytes(), peak_mem_bytes=tracker.peak(), comm_s=res.comm_s,
+                    role=trainer.role)
+        trainer.finish()
+        wall = time.perf_counter() - t_start
+        total = meter.read()
+        meter.close()
+        emitter.emit("done", steps=cfg.steps, samples=samples_done, wall_s=wall,
+                     energy_j=total.joules, energy_source=total.source, energy_method=total.method,
+                     energy_detail=total.detail, peak_mem_bytes=tracker.peak(),
+                     param_digest=_param_digest(trainer.full_state()), role=trainer.role)
+        edist.shutdown()
+        return EXIT_OK
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the controller
+        if trainer is not None:
+            phase = trainer.phase
+        if isinstance(exc, KeyboardInterrupt):
+            emitter.emit("error", message="interrupted", phase=phase)
+            return EXIT_ERROR
+        if is_oom_error(exc):
+            emitter.emit("oom", phase=phase, message=str(exc).strip().splitlines()[0][:300] if str(exc) else type(exc).__name__,
+                         rss_bytes=rss_bytes(), peak_mem_bytes=tracker.peak(), limit_bytes=limit,
+                         limit_source=limit_src, role=getattr(trainer, "role", None))
+            return EXIT_OOM
+        tb = traceback.format_exc().strip().splitlines()
+        emitter.emit("error", message=f"{type(exc).__name__}: {exc}"[:500], phase=phase,
+                     traceback=tb[-6:])
+        return EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import JobConfig
+    from .protocol import Emitter
+
+    ap = argparse.ArgumentParser(prog="workers.train")
+    ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--config-b64", required=True)
+    args = ap.parse_args(argv)
+    cfg = JobConfig.from_b64(args.config_b64)
+    emitter = Emitter(cfg.run_id, args.rank, cfg.devices[args.rank])
+    cfg.validate()
+    emitter.emit("hello", world_size=cfg.world_size, parallelism=cfg.parallelism, model=cfg.model,
+                 pid=os.getpid(), host=socket.gethostname(), addr=cfg.addrs[args.rank],
+                 python=sys.version.split()[0])
+    code = run(cfg, args.rank, emitter)
+    sys.stdout.flush()
+    # os._exit: a failed process group can leave gloo threads that block interpreter exit
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
