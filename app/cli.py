@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 import time
@@ -199,6 +198,9 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 10, model: str = "ti
     p.add_argument("--runs-dir", help="where run records go (default: $EDGETRAIN_HOME/runs)")
 
 
+COMMAND_MODULES = ("app.cmd_devices", "app.cmd_plan", "app.cmd_gui", "app.cmd_sweep")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edgetrain", description=__doc__)
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -226,6 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", help=argparse.SUPPRESS)
     _add_run_flags(demo, steps=20)
     demo.set_defaults(func=cmd_demo)
+
+    # Other command groups live next to what they drive; each adds its own subparsers.
+    import importlib
+    for mod in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+            continue
+        module.register(sub)
     return ap
 
 

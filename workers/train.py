@@ -41,7 +41,6 @@ def run(cfg, rank: int, emitter) -> int:
     from .memory import PeakTracker, is_oom_error, memory_limit_bytes, rss_bytes
 
     limit, limit_src = memory_limit_bytes()
-    device_name = cfg.devices[rank]
     phase = "import"
     trainer = None
     tracker = PeakTracker()

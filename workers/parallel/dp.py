@@ -50,7 +50,7 @@ class DataParallel(Trainer):
             self.opt.zero_grad(set_to_none=True)
             self._pending = 0
         n = max(1, x.shape[0])
-        return StepResult(loss=float(loss_sum) / n, samples=ids.shape[0], local_samples=x.shape[0],
+        return StepResult(loss=float(loss_sum.detach()) / n, samples=ids.shape[0], local_samples=x.shape[0],
                           synced=sync)
 
     def full_state(self) -> dict[str, torch.Tensor]:

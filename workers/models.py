@@ -1,0 +1,475 @@
+"""Model presets and a uniform "staged" view of HF sequence-classification models.
+
+Every parallelism (data, tensor, sequence, pipeline) works on the same three-part view
+of a model, :class:`StagedModel`::
+
+    logits = head(blocks[n-1](... blocks[0](embed(input_ids)) ...))
+
+``embed``, each ``blocks[i]`` and ``head`` are small wrapper modules around the HF
+model's own submodules, so the HF model (``StagedModel.hf``) keeps owning every
+parameter and ``hf.save_pretrained`` / ``from_pretrained`` keep working.
+
+Conventions that distributed runs rely on:
+
+* All dropouts are 0 (``hf_config``), so a distributed run can be compared exactly with
+  one process: no random masks whose streams would differ between ranks.
+* Blocks get no padding mask: pad tokens are ordinary tokens.  Causal families
+  (gpt2, opt) are left-padded by ``workers.data`` so the pooled last position is real;
+  bert is right-padded so the pooled first position is ``[CLS]``.
+* Attention is ``sdpa``; with no mask, HF's sdpa path is causal exactly when the module
+  says so, and the blocks pass ``is_causal`` explicitly as well.
+
+Runs on devices: imports torch, transformers and the standard library only.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    OPTConfig,
+    OPTForSequenceClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from .presets import FAMILIES, NUM_LABELS, PAD_TOKEN_ID, PRESETS, Preset  # noqa: F401 (re-exported)
+
+
+# HF model_type -> our family name ('bert' is the DistilBERT architecture).
+_MODEL_TYPES = {"gpt2": "gpt2", "distilbert": "bert", "opt": "opt"}
+_MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
+    "gpt2": GPT2ForSequenceClassification,
+    "bert": DistilBertForSequenceClassification,
+    "opt": OPTForSequenceClassification,
+}
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def pool_position(family: str) -> int:
+    """Sequence position the classification head pools.
+
+    Parameters
+    ----------
+    family
+        ``gpt2``, ``bert`` or ``opt``.
+
+    Returns
+    -------
+    int
+        ``0`` ([CLS]) for bert, ``-1`` (last token; data is left-padded) otherwise.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    return 0 if family == "bert" else -1
+
+
+def hf_config(preset: Preset, vocab_size: int | None = None) -> PretrainedConfig:
+    """HF config for a preset: 2 labels, all dropouts 0, sdpa attention, pad id 0.
+
+    Dropouts are 0 so distributed runs can be compared exactly with one process (no
+    random masks drawn from per-rank RNG streams).
+
+    Parameters
+    ----------
+    preset
+        The architecture.
+    vocab_size
+        Overrides ``preset.vocab_size`` (e.g. a tokenizer trained on the data).
+
+    Returns
+    -------
+    PretrainedConfig
+        ``GPT2Config``, ``DistilBertConfig`` or ``OPTConfig``.
+    """
+    vocab = vocab_size or preset.vocab_size
+    common = dict(num_labels=NUM_LABELS, pad_token_id=PAD_TOKEN_ID, attn_implementation="sdpa")
+    if preset.family == "gpt2":
+        cfg: PretrainedConfig = GPT2Config(
+            vocab_size=vocab, n_positions=preset.max_positions, n_embd=preset.hidden,
+            n_layer=preset.n_layer, n_head=preset.heads, n_inner=preset.ffn,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0,
+            # GPT-2's bos/eos id 50256 is out of range for a small tokenizer's vocabulary
+            # (HF warns); classification never uses them.
+            bos_token_id=50256 if vocab > 50256 else None,
+            eos_token_id=50256 if vocab > 50256 else None,
+            **common,
+        )
+    elif preset.family == "bert":
+        cfg = DistilBertConfig(
+            vocab_size=vocab, max_position_embeddings=preset.max_positions,
+            n_layers=preset.n_layer, n_heads=preset.heads, dim=preset.hidden,
+            hidden_dim=preset.ffn, dropout=0.0, attention_dropout=0.0,
+            seq_classif_dropout=0.0, qa_dropout=0.0, **common,
+        )
+    elif preset.family == "opt":
+        cfg = OPTConfig(
+            vocab_size=vocab, max_position_embeddings=preset.max_positions,
+            hidden_size=preset.hidden, num_hidden_layers=preset.n_layer,
+            num_attention_heads=preset.heads, ffn_dim=preset.ffn,
+            word_embed_proj_dim=preset.word_embed_proj_dim or preset.hidden,
+            do_layer_norm_before=preset.do_layer_norm_before,
+            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0,
+            **common,
+        )
+    else:
+        raise ValueError(f"preset {preset.name!r} has unknown family {preset.family!r}")
+    return cfg
+
+
+def _zero_dropouts(cfg: PretrainedConfig) -> None:
+    """Set every dropout of a loaded config to 0 (see :func:`hf_config`)."""
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout", "dropout",
+                "attention_dropout", "seq_classif_dropout", "qa_dropout", "activation_dropout",
+                "layerdrop"):
+        if hasattr(cfg, key):
+            setattr(cfg, key, 0.0)
+
+
+def preset_from_config(cfg: PretrainedConfig, name: str) -> Preset:
+    """Describe a loaded HF config as a :class:`Preset` named ``name``."""
+    family = _MODEL_TYPES.get(cfg.model_type)
+    if family == "gpt2":
+        return Preset(name, family, cfg.n_layer, cfg.n_embd, cfg.n_head,
+                      cfg.n_inner or 4 * cfg.n_embd, cfg.vocab_size, cfg.n_positions)
+    if family == "bert":
+        return Preset(name, family, cfg.n_layers, cfg.dim, cfg.n_heads, cfg.hidden_dim,
+                      cfg.vocab_size, cfg.max_position_embeddings)
+    if family == "opt":
+        proj = cfg.word_embed_proj_dim
+        return Preset(name, family, cfg.num_hidden_layers, cfg.hidden_size,
+                      cfg.num_attention_heads, cfg.ffn_dim, cfg.vocab_size,
+                      cfg.max_position_embeddings,
+                      word_embed_proj_dim=None if proj == cfg.hidden_size else proj,
+                      do_layer_norm_before=cfg.do_layer_norm_before)
+    raise ValueError(f"model_type {cfg.model_type!r} is not supported; "
+                     f"expected one of {', '.join(_MODEL_TYPES)}")
+
+
+# --------------------------------------------------------------------------- embed
+
+
+def _positions(input_ids: torch.Tensor, position_offset: int, max_positions: int) -> torch.Tensor:
+    seq = input_ids.shape[1]
+    if position_offset < 0 or position_offset + seq > max_positions:
+        raise ValueError(f"positions {position_offset}..{position_offset + seq - 1} do not fit "
+                         f"the model's {max_positions} position embeddings")
+    return torch.arange(position_offset, position_offset + seq,
+                        device=input_ids.device).unsqueeze(0)
+
+
+class GPT2Embed(nn.Module):
+    """Token + learned position embeddings of GPT-2 (``wte``, ``wpe``)."""
+
+    def __init__(self, hf: GPT2ForSequenceClassification) -> None:
+        super().__init__()
+        self.wte = hf.transformer.wte
+        self.wpe = hf.transformer.wpe
+        self.drop = hf.transformer.drop
+        self.max_positions = hf.config.n_positions
+
+    def forward(self, input_ids: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
+        pos = _positions(input_ids, position_offset, self.max_positions)
+        return self.drop(self.wte(input_ids) + self.wpe(pos))
+
+
+class BertEmbed(nn.Module):
+    """DistilBERT embeddings: token + position, then LayerNorm (the HF module itself)."""
+
+    def __init__(self, hf: DistilBertForSequenceClassification) -> None:
+        super().__init__()
+        self.inner = hf.distilbert.embeddings
+        self.max_positions = hf.config.max_position_embeddings
+
+    def forward(self, input_ids: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
+        pos = _positions(input_ids, position_offset, self.max_positions)
+        return self.inner(input_ids, None, pos)
+
+
+class OPTEmbed(nn.Module):
+    """OPT embeddings: tokens (then ``project_in`` if present) + learned positions.
+
+    ``OPTLearnedPositionalEmbedding`` adds its offset of 2 to the position ids itself;
+    the HF model numbers unpadded positions 0..S-1, and so do we (no padding mask).
+    """
+
+    def __init__(self, hf: OPTForSequenceClassification) -> None:
+        super().__init__()
+        dec = hf.model.decoder
+        self.embed_tokens = dec.embed_tokens
+        self.embed_positions = dec.embed_positions
+        self.project_in = dec.project_in
+        self.max_positions = hf.config.max_position_embeddings
+
+    def forward(self, input_ids: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
+        pos = _positions(input_ids, position_offset, self.max_positions)
+        tokens = self.embed_tokens(input_ids)
+        if self.project_in is not None:
+            tokens = self.project_in(tokens)
+        return tokens + self.embed_positions(None, 0, position_ids=pos)
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+class Block(nn.Module):
+    """One transformer layer: ``hidden[B,S,H] -> hidden[B,S,H]``, no padding mask.
+
+    ``inner`` is the HF layer (``GPT2Block``, DistilBERT ``TransformerBlock`` or
+    ``OPTDecoderLayer``).  ``is_causal`` is passed explicitly down to the attention
+    function: with no mask, HF's sdpa path would otherwise fall back to the module's
+    own ``is_causal`` attribute, and the eager path ignores causality entirely.
+    """
+
+    def __init__(self, inner: nn.Module, causal: bool) -> None:
+        super().__init__()
+        self.inner = inner
+        self.causal = causal
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # Keywords only: the layers disagree on positional order (GPT2Block's second
+        # argument is past_key_values, OPTDecoderLayer's is attention_mask).
+        out = self.inner(hidden, attention_mask=None, is_causal=self.causal)
+        # transformers 5.x layers return a tensor; 4.x returned a tuple.
+        return out[0] if isinstance(out, tuple) else out
+
+
+# --------------------------------------------------------------------------- heads
+
+
+class GPT2Head(nn.Module):
+    """``ln_f``, pool the last position, ``score`` -> logits[B, 2]."""
+
+    def __init__(self, hf: GPT2ForSequenceClassification) -> None:
+        super().__init__()
+        self.ln_f = hf.transformer.ln_f
+        self.score = hf.score
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.score(self.ln_f(hidden)[:, -1])
+
+
+class OPTHead(nn.Module):
+    """``final_layer_norm`` and ``project_out`` if present, pool last position, ``score``."""
+
+    def __init__(self, hf: OPTForSequenceClassification) -> None:
+        super().__init__()
+        dec = hf.model.decoder
+        self.final_layer_norm = dec.final_layer_norm
+        self.project_out = dec.project_out
+        self.score = hf.score
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        pooled = hidden[:, -1]  # both optional layers act per position: pool first
+        if self.final_layer_norm is not None:
+            pooled = self.final_layer_norm(pooled)
+        if self.project_out is not None:
+            pooled = self.project_out(pooled)
+        return self.score(pooled)
+
+
+class BertHead(nn.Module):
+    """Pool position 0 ([CLS]), ``pre_classifier``, ReLU, ``classifier`` -> logits[B, 2]."""
+
+    def __init__(self, hf: DistilBertForSequenceClassification) -> None:
+        super().__init__()
+        self.pre_classifier = hf.pre_classifier
+        self.dropout = hf.dropout
+        self.classifier = hf.classifier
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        pooled = torch.relu(self.pre_classifier(hidden[:, 0]))
+        return self.classifier(self.dropout(pooled))
+
+
+# --------------------------------------------------------------------------- model
+
+
+class StagedModel(nn.Module):
+    """An HF sequence-classification model seen as ``embed -> blocks -> head``.
+
+    Attributes
+    ----------
+    hf
+        The HF ``*ForSequenceClassification`` model; it owns every parameter.
+    family, preset
+        ``gpt2`` / ``bert`` / ``opt`` and the architecture.
+    n_blocks, hidden, causal
+        Number of blocks, model width, whether attention is causal.
+    embed
+        ``forward(input_ids[B,S], position_offset=0) -> [B,S,H]``.
+    blocks
+        ``nn.ModuleList`` of :class:`Block`; ``blocks[i].inner`` is the HF layer.
+    head
+        ``forward(hidden[B,S,H]) -> logits[B,2]``.
+
+    Notes
+    -----
+    ``embed``, ``blocks`` and ``head`` are registered as submodules too (so module
+    paths such as ``blocks.0.inner`` resolve for ``parallelize_module``); their
+    parameters are the HF model's, so ``parameters()`` yields each once but
+    ``state_dict()`` lists aliases.  Checkpoint with ``hf.save_pretrained``.
+    GPT-2/OPT sequence-classification models have no LM head, so no embedding/head
+    weight tie exists to preserve across pipeline stages.
+    """
+
+    def __init__(self, hf: PreTrainedModel, preset: Preset) -> None:
+        super().__init__()
+        impl = hf.config._attn_implementation
+        if impl != "sdpa":
+            # Blocks run without a mask; only the sdpa path honours is_causal then.
+            raise ValueError(f"attention implementation must be 'sdpa', got {impl!r}")
+        self.hf = hf
+        self.family = preset.family
+        self.preset = preset
+        self.causal = preset.family != "bert"
+        self.hidden = preset.hidden
+        if preset.family == "gpt2":
+            self.embed: nn.Module = GPT2Embed(hf)
+            layers = hf.transformer.h
+            self.head: nn.Module = GPT2Head(hf)
+        elif preset.family == "bert":
+            self.embed = BertEmbed(hf)
+            layers = hf.distilbert.transformer.layer
+            self.head = BertHead(hf)
+        else:
+            self.embed = OPTEmbed(hf)
+            layers = hf.model.decoder.layers
+            self.head = OPTHead(hf)
+        self.blocks = nn.ModuleList(Block(layer, self.causal) for layer in layers)
+        self.n_blocks = len(self.blocks)
+
+    @property
+    def pool_position(self) -> int:
+        """Position the head pools (see :func:`pool_position`)."""
+        return pool_position(self.family)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits[B, 2] for ``input_ids[B, S]``: ``head(blocks(embed(ids)))``."""
+        hidden = self.embed(input_ids)
+        for block in self.blocks:
+            hidden = block(hidden)
+        return self.head(hidden)
+
+
+def _check_weights_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise ValueError(f"weights directory {str(path)!r} does not exist or is not a directory")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"weights directory {str(path)!r} is not a Hugging Face model "
+                         "directory: config.json is missing")
+    if not any((path / f).is_file() for f in _WEIGHT_FILES):
+        raise ValueError(f"weights directory {str(path)!r} has no weights file: expected one "
+                         f"of {', '.join(_WEIGHT_FILES)}")
+
+
+def _load_weights(path: Path, name: str | None, vocab_size: int | None) -> StagedModel:
+    from transformers import AutoConfig
+
+    _check_weights_dir(path)
+    try:
+        cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # a broken config.json: say which directory
+        raise ValueError(f"weights directory {str(path)!r}: cannot read config.json ({exc})") from exc
+    family = _MODEL_TYPES.get(cfg.model_type)
+    if family is None:
+        raise ValueError(f"weights directory {str(path)!r} holds a {cfg.model_type!r} model; "
+                         f"supported: {', '.join(_MODEL_TYPES)}")
+    if name in PRESETS and PRESETS[name].family != family:
+        raise ValueError(f"weights directory {str(path)!r} holds a {family} model, "
+                         f"but preset {name!r} is {PRESETS[name].family}")
+    if vocab_size is not None and vocab_size > cfg.vocab_size:
+        raise ValueError(f"weights directory {str(path)!r} has a vocabulary of {cfg.vocab_size}, "
+                         f"smaller than the tokenizer's {vocab_size}")
+    _zero_dropouts(cfg)
+    cfg.num_labels = NUM_LABELS
+    if cfg.pad_token_id is None:
+        cfg.pad_token_id = PAD_TOKEN_ID
+    try:
+        hf = _MODEL_CLASSES[family].from_pretrained(
+            str(path), config=cfg, local_files_only=True, attn_implementation="sdpa")
+    except Exception as exc:
+        raise ValueError(f"weights directory {str(path)!r}: cannot load the model ({exc})") from exc
+    preset_name = name if name in PRESETS else path.name
+    return StagedModel(hf, preset_from_config(hf.config, preset_name))
+
+
+def build_model(name: str, weights: str | None = None, vocab_size: int | None = None,
+                seed: int = 0) -> StagedModel:
+    """Build a preset with seeded random weights, or load a local HF model directory.
+
+    Parameters
+    ----------
+    name
+        A key of :data:`PRESETS`, or a path to a local HF model directory (then treated
+        as ``weights``).
+    weights
+        Optional local HF directory (``config.json`` + weights) to load with
+        ``local_files_only=True``; its config decides the architecture.  A head missing
+        from it (e.g. an LM checkpoint) is initialised from ``seed``.
+    vocab_size
+        Vocabulary for a fresh build (defaults to the preset's); with ``weights`` it
+        must not exceed the checkpoint's.
+    seed
+        Weights are drawn under ``torch.manual_seed(seed)`` in a forked RNG, so the same
+        seed gives identical parameters and the caller's RNG state is untouched.
+
+    Returns
+    -------
+    StagedModel
+        In train mode, on CPU.
+
+    Raises
+    ------
+    ValueError
+        Unknown preset, or a ``weights`` directory that is missing, lacks
+        ``config.json`` or a weights file, or holds an unsupported model.
+    """
+    if weights is None and name not in PRESETS and os.path.isdir(name):
+        weights = name
+    if weights is None and name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; presets: {', '.join(PRESETS)} "
+                         "(or give a local Hugging Face model directory)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if weights is not None:
+            model = _load_weights(Path(weights), name, vocab_size)
+        else:
+            preset = PRESETS[name]
+            if vocab_size is not None:
+                preset = replace(preset, vocab_size=vocab_size)
+            hf = _MODEL_CLASSES[preset.family](hf_config(preset))
+            model = StagedModel(hf, preset)
+    model.train()
+    return model
+
+
+def param_count(name: str, vocab_size: int | None = None) -> int:
+    """Number of parameters of a preset, without allocating it (built on ``meta``).
+
+    Parameters
+    ----------
+    name
+        A key of :data:`PRESETS`.
+    vocab_size
+        Optional vocabulary override.
+
+    Returns
+    -------
+    int
+        Distinct parameters of the sequence-classification model.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; presets: {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    with torch.device("meta"):
+        hf = _MODEL_CLASSES[preset.family](hf_config(preset, vocab_size))
+    return sum(p.numel() for p in hf.parameters())
