@@ -30,9 +30,11 @@ def _param_digest(state: dict) -> str:
 def _env_float(name: str) -> float | None:
     value = os.environ.get(name)
     try:
-        return float(value) if value else None
+        number = float(value) if value else None
     except ValueError:
         return None
+    # 0 means "not emulated": let the meter use its documented defaults
+    return number if number and number > 0 else None
 
 
 def run(cfg, rank: int, emitter) -> int:
