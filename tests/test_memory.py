@@ -1,0 +1,170 @@
+"""Memory helpers: real allocation failures under RLIMIT_AS, limits, per-window peaks."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from workers import memory
+from workers.memory import (PeakTracker, is_oom_error, memory_limit_bytes, peak_rss_bytes,
+                            rss_bytes)
+
+REPO = Path(__file__).resolve().parents[1]
+LIMIT = int(1.5 * 1024**3)
+
+# Runs in a fresh interpreter: RLIMIT_AS cannot be raised back safely inside pytest.
+CHILD = f"""
+import json, torch
+from workers.memory import apply_memory_limit, is_oom_error, memory_limit_bytes
+apply_memory_limit({LIMIT})
+out = {{"limit": memory_limit_bytes()}}
+for name, make in (("torch", lambda: torch.empty(4 * 1024**3, dtype=torch.uint8)),
+                   ("python", lambda: bytearray(4 * 1024**3))):
+    try:
+        make()
+        out[name] = None
+    except BaseException as exc:
+        out[name] = {{"type": type(exc).__name__, "msg": str(exc)[:200], "oom": is_oom_error(exc)}}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def child() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != memory.ENV_MEM}
+    proc = subprocess.run([sys.executable, "-c", CHILD], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_torch_allocation_over_rlimit_is_oom(child: dict) -> None:
+    assert child["torch"] is not None, "4 GiB allocation succeeded under a 1.5 GB RLIMIT_AS"
+    assert child["torch"]["oom"], child["torch"]
+
+
+def test_python_memory_error_is_oom(child: dict) -> None:
+    assert child["python"] is not None and child["python"]["type"] == "MemoryError"
+    assert child["python"]["oom"]
+
+
+def test_memory_limit_picks_up_rlimit(child: dict) -> None:
+    limit, source = child["limit"]
+    assert source == "rlimit_as" and limit == LIMIT
+
+
+def test_is_oom_error_messages_and_negatives() -> None:
+    assert is_oom_error(MemoryError())
+    assert is_oom_error(RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: "
+                                     "can't allocate memory: you tried to allocate 4294967296 bytes"))
+    assert is_oom_error(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_oom_error(OSError(12, "Cannot allocate memory"))
+    try:
+        try:
+            raise MemoryError()
+        except MemoryError as inner:
+            raise RuntimeError("step 3 failed") from inner
+    except RuntimeError as wrapped:
+        assert is_oom_error(wrapped)
+    assert not is_oom_error(ValueError("out of memory"))  # only allocator error types count
+    assert not is_oom_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    try:
+        try:
+            raise MemoryError()
+        except MemoryError:
+            raise KeyError("x")  # raised while handling, not caused by, an OOM
+    except KeyError as other:
+        assert not is_oom_error(other)
+
+
+def test_torch_oom_types_if_loaded() -> None:
+    torch = pytest.importorskip("torch")
+    assert is_oom_error(torch.cuda.OutOfMemoryError("CUDA error"))
+
+
+def _cgroup_fixture(root: Path, v2_limits: dict[str, str], v1_limits: dict[str, str]) -> None:
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/self/cgroup").write_text("4:memory:/jobs/w1\n0::/user.slice/w1\n")
+    (root / "proc/self/mountinfo").write_text(
+        "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"
+        "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
+        "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n")
+    for rel, text in v2_limits.items():
+        d = root / "sys/fs/cgroup/unified" / rel
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "memory.max").write_text(text + "\n")
+    for rel, text in v1_limits.items():
+        d = root / "sys/fs/cgroup/memory" / rel
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "memory.limit_in_bytes").write_text(text + "\n")
+
+
+def test_memory_limit_from_cgroups_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(memory.ENV_MEM, raising=False)
+    # v1: the parent's limit binds the child; v2: "max" means none
+    _cgroup_fixture(tmp_path, {"": "max", "user.slice": "max", "user.slice/w1": "3000000"},
+                    {"": "9223372036854771712", "jobs": "2000000", "jobs/w1": "9223372036854771712"})
+    assert memory_limit_bytes(str(tmp_path)) == (2000000, "cgroup1")
+    monkeypatch.setenv(memory.ENV_MEM, "1000000")
+    assert memory_limit_bytes(str(tmp_path)) == (1000000, f"env:{memory.ENV_MEM}")
+
+
+def test_memory_limit_none_without_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import resource
+    if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:
+        pytest.skip("this shell already sets RLIMIT_AS")
+    monkeypatch.delenv(memory.ENV_MEM, raising=False)
+    _cgroup_fixture(tmp_path, {"user.slice/w1": "max"}, {"jobs/w1": "9223372036854771712"})
+    assert memory_limit_bytes(str(tmp_path)) == (None, "none")
+
+
+@pytest.mark.parametrize("use_clear_refs", [True, False])
+def test_peak_tracker_grows_after_allocating(use_clear_refs: bool) -> None:
+    n = 200 * 1024**2
+    tracker = PeakTracker(use_clear_refs=use_clear_refs)
+    before = tracker.peak()
+    block = b"x" * n  # touched pages, unlike a lazily mapped allocation
+    tracker.sample()
+    del block
+    after = tracker.peak()
+    assert after >= before + 0.9 * n
+    tracker.reset()
+    assert tracker.peak() < after - 0.5 * n or not tracker.exact
+    # the lifetime peak survives clear_refs resets (kernel counters lag RSS by a few pages)
+    assert peak_rss_bytes() >= before + 0.9 * n
+
+
+def test_rss_and_peak_are_plausible() -> None:
+    assert 1024**2 < rss_bytes() <= peak_rss_bytes()
+    assert memory.cuda_peak_bytes("cpu") is None
+
+
+def test_cuda_peak_tracker_and_oom() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    tracker = PeakTracker("cuda:0")  # before CUDA initialises: reset must not raise
+    x = torch.empty(256 * 1024**2, dtype=torch.uint8, device="cuda:0")
+    del x
+    assert tracker.cuda_peak() >= 256 * 1024**2
+    tracker.reset()
+    assert tracker.cuda_peak() < 256 * 1024**2
+    with pytest.raises(RuntimeError) as info:
+        torch.empty(1024**4, dtype=torch.uint8, device="cuda:0")  # 1 TiB
+    assert is_oom_error(info.value)
+
+
+def test_peak_rss_ignores_a_big_parent() -> None:
+    # ru_maxrss of a child starts at its parent's RSS (the pre-exec image); VmHWM does not
+    if not Path("/proc/self/status").exists():
+        pytest.skip("no /proc")
+    ballast = b"x" * (400 * 1024**2)
+    code = "from workers.memory import peak_rss_bytes; print(peak_rss_bytes())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    del ballast
+    assert int(out) < 200 * 1024**2
