@@ -188,7 +188,7 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 10, model: str = "ti
     p.add_argument("--micro-batches", type=int, default=4)
     p.add_argument("--sync-every", type=int, default=5, help="DP: synchronise gradients every k steps")
     p.add_argument("--schedule", default="gpipe", choices=["gpipe", "1f1b"])
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="default: 1e-3 for tiny presets, 5e-5 otherwise")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dataset", help="QNLI-format TSV on the devices (default: generated data)")
     p.add_argument("--weights", help="local Hugging Face model directory on the devices")

@@ -37,6 +37,23 @@ def _env_float(name: str) -> float | None:
     return number if number and number > 0 else None
 
 
+def _peak(tracker) -> int:
+    """The memory that limits this device: the CUDA allocator's peak on a GPU, else RSS."""
+    gpu = tracker.cuda_peak()
+    return gpu if gpu is not None else tracker.peak()
+
+
+def _cap_cuda_memory(torch, device) -> None:
+    """Emulate a smaller GPU: cap the caching allocator at EDGETRAIN_EMU_MEM_BYTES.
+
+    Allocations past the cap raise a real ``torch.OutOfMemoryError`` from the allocator.
+    """
+    cap = _env_float("EDGETRAIN_EMU_MEM_BYTES")
+    if cap:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+
+
 def run(cfg, rank: int, emitter) -> int:
     """Train per ``cfg`` as ``rank``; returns the exit code.  Imports torch lazily so
     the ``hello`` line goes out before the slow imports."""
@@ -45,7 +62,7 @@ def run(cfg, rank: int, emitter) -> int:
     limit, limit_src = memory_limit_bytes()
     phase = "import"
     trainer = None
-    tracker = PeakTracker()
+    tracker = PeakTracker(cfg.device)
     try:
         import torch
 
@@ -62,6 +79,8 @@ def run(cfg, rank: int, emitter) -> int:
         phase = "rendezvous"
         device = edist.init(rank, cfg.world_size, cfg.master_addr, cfg.master_port, cfg.addrs[rank],
                             device=cfg.device, timeout_s=cfg.timeout_s)
+        if cfg.device == "cuda":
+            _cap_cuda_memory(torch, device)
         emitter.emit("event", name="joined", message=f"joined process group as rank {rank}/{cfg.world_size}")
         phase = "load"
         model = build_model(cfg.model, weights=cfg.weights, seed=cfg.seed)
@@ -98,7 +117,7 @@ def run(cfg, rank: int, emitter) -> int:
                     throughput_sps=res.samples / dt if dt > 0 else 0.0, loss=res.loss, synced=res.synced,
                     energy_j=step_j, energy_source=reading.source, energy_method=reading.method,
                     baseline_subtracted=reading.baseline_subtracted,
-                    rss_bytes=rss_bytes(), peak_mem_bytes=tracker.peak(), comm_s=res.comm_s,
+                    rss_bytes=rss_bytes(), peak_mem_bytes=_peak(tracker), comm_s=res.comm_s,
                     role=trainer.role)
         trainer.finish()
         wall = time.perf_counter() - t_start
@@ -106,7 +125,7 @@ def run(cfg, rank: int, emitter) -> int:
         meter.close()
         emitter.emit("done", steps=cfg.steps, samples=samples_done, wall_s=wall,
                      energy_j=total.joules, energy_source=total.source, energy_method=total.method,
-                     energy_detail=total.detail, peak_mem_bytes=tracker.peak(),
+                     energy_detail=total.detail, peak_mem_bytes=_peak(tracker), peak_rss_bytes=tracker.peak(),
                      param_digest=_param_digest(trainer.full_state()), role=trainer.role)
         edist.shutdown()
         return EXIT_OK

@@ -43,7 +43,7 @@ class RunSettings:
     seq_len: int = 32
     micro_batches: int = 4
     sync_every: int = 5
-    lr: float = 1e-3
+    lr: float | None = None   # None: 1e-3 for tiny presets, 5e-5 (fine-tuning) otherwise
     seed: int = 0
     schedule: str = "gpipe"
     dataset: str | None = None
@@ -65,6 +65,12 @@ def even_stages(n_blocks: int, n_stages: int, replicas: int = 1) -> list[dict]:
     return stages
 
 
+def default_lr(settings: RunSettings) -> float:
+    if settings.lr is not None:
+        return settings.lr
+    return 1e-3 if settings.model.startswith("tiny-") else 5e-5
+
+
 def make_job(settings: RunSettings, devices: list[Device], stages: list[dict] | None = None,
              run_id: str | None = None) -> JobConfig:
     """The job description for ``devices`` (rank order = list order)."""
@@ -73,7 +79,7 @@ def make_job(settings: RunSettings, devices: list[Device], stages: list[dict] | 
         addrs=[d.host for d in devices], devices=[d.name for d in devices], model=settings.model,
         weights=settings.weights, tokenizer=settings.tokenizer, parallelism=settings.parallelism,
         batch_size=settings.batch_size, seq_len=settings.seq_len, micro_batches=settings.micro_batches,
-        sync_every=settings.sync_every, steps=settings.steps, lr=settings.lr, seed=settings.seed,
+        sync_every=settings.sync_every, steps=settings.steps, lr=default_lr(settings), seed=settings.seed,
         schedule=settings.schedule, dataset=settings.dataset, device=settings.device,
         timeout_s=settings.timeout_s, stages=stages or settings.stages or [])
     return job
