@@ -280,7 +280,7 @@ class PowerIntegrator:
 # the sensor backends live in energy_sensors (imported here, after the base names they use)
 from .energy_sensors import (  # noqa: E402,F401 (re-exported)
     NvmlCounterMeter, Rail, RaplDomain, RaplMeter, find_ina3221_rails, find_rapl_domains, ina3221_power,
-    nvml_meter,
+    nvml_meter, _rapl_unreadable,
 )
 
 
