@@ -141,6 +141,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_testbed(args: argparse.Namespace) -> int:
     from .core import testbed
 
+    if getattr(args, "netns", False):
+        from .cmd_devices import cmd_netns_testbed
+        return cmd_netns_testbed(args)
     tb_dir = Path(args.dir) if args.dir else edgetrain_home() / "testbed"
     if args.action == "up":
         info = testbed.start_testbed(tb_dir, n_devices=args.devices, preset=args.preset,
@@ -213,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--base-addr", default="127.0.10.1")
     tb.add_argument("--port", type=int, default=2222)
     tb.add_argument("--dir", help="testbed directory (default: $EDGETRAIN_HOME/testbed)")
+    tb.add_argument("--netns", action="store_true",
+                    help="root only: devices in network namespaces with real OpenSSH sshd, tc-shaped links, mDNS")
+    tb.add_argument("--rate", type=float, default=None, help="--netns: link rate in Mbit/s (default 1000)")
     tb.set_defaults(func=cmd_testbed)
 
     run = sub.add_parser("run", help="train on devices from an inventory")

@@ -1,0 +1,138 @@
+"""Profiling over SSH on the asyncssh testbed: the CLI on 4 devices, the cache, invalidation.
+
+Link rates against tc-shaped links are checked on the netns tier (test_netns.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+
+from app.core.inventory import load_inventory
+from app.core.profile import CONTROLLER, DeviceProfile, LinkMatrix, ProfileCache, profile_devices
+from app.core.ssh import HostKeyError, KnownHosts
+from app.core.testbed import start_testbed, stop_testbed
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tb4(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tb4")
+    info = start_testbed(d / "testbed", n_devices=4, preset="heterogeneous", base_addr="127.0.12.11", port=0)
+    try:
+        yield info, d
+    finally:
+        stop_testbed(d / "testbed")
+
+
+def _cli(args: list[str], home: Path, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "EDGETRAIN_HOME": str(home)}
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    return res, time.monotonic() - t0
+
+
+def fake_torch_version_venv(path: Path, version: str) -> Path:
+    """A venv that sees the real site-packages but whose torch metadata says ``version``:
+    what a device reports after its torch package was upgraded."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    py = path / "bin" / "python"
+    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    (site / "_edgetrain_real.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    meta = site / f"torch-{version}.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: {version}\n")
+    return py
+
+
+def test_cli_profile_four_devices_under_30s_then_cache_survives_restart(tb4):
+    info, d = tb4
+    home = d / "home"
+    res, wall = _cli(["profile", "--inventory", str(info.inventory_path), "--refresh"], home)
+    assert res.returncode == 0, res.stderr
+    assert wall < 30, f"profile of 4 devices took {wall:.1f} s"
+    out = res.stdout
+    assert "bandwidth (Mbit/s)" in out and "round-trip time (ms)" in out
+    lines = out.splitlines()
+    bw = lines[lines.index("bandwidth (Mbit/s), row -> column") + 2:][:5]
+    for row in bw:
+        cells = row.split()[1:]
+        assert len(cells) == 5 and cells.count("-") == 1, row  # only the diagonal is missing
+        assert all(float(c) > 10 for c in cells if c != "-"), row
+
+    # a new controller process: everything comes from the cache, nothing is remeasured
+    res2, wall2 = _cli(["profile", "--inventory", str(info.inventory_path), "--json"], home)
+    assert res2.returncode == 0, res2.stderr
+    data = json.loads(res2.stdout)
+    cached = json.loads((home / "profiles" / "nano0.json").read_text())["profile"]
+    assert data["profiles"][0]["collected_at"] == cached["collected_at"]
+    assert "starting probes" not in res2.stderr, res2.stderr
+    assert wall2 < wall
+    links = data["links"]
+    assert links["names"] == [x.name for x in info.devices] + [CONTROLLER]
+
+    # the fields the planner uses, checked against what the testbed emulates
+    for prof, dev in zip(data["profiles"], info.devices):
+        p = DeviceProfile.from_dict(prof)
+        assert p.name == dev.name and p.threads == dev.threads
+        assert p.mem_limit_bytes == dev.mem_bytes  # the emulated cap is the tightest limit
+        assert p.labels["preset"] == dev.preset and p.power_source == "estimate"
+        assert p.gflops_fp32 and p.gflops_fp32 > 1 and p.gflops_fp16 is None and p.gpu is None
+        assert p.versions["torch"] and p.versions["python"] and p.versions["workers"]
+        assert p.p_max_w > p.p_idle_w > 0
+        assert "rapl" in p.sensors and "ina3221" in p.sensors and "nvml" in p.sensors
+
+
+def test_cache_invalidated_when_device_torch_changes(tb4, tmp_path):
+    info, d = tb4
+    inv = load_inventory(info.inventory_path)
+    known = KnownHosts(info.known_hosts_path)
+    devices = inv.devices[:2]
+    cache = tmp_path / "profiles"
+
+    first, m1 = asyncio.run(profile_devices(devices, known, cache, link_seconds=0.2))
+    assert [p.from_cache for p in first] == [False, False]
+    again, m2 = asyncio.run(profile_devices(devices, known, cache))
+    assert [p.from_cache for p in again] == [True, True]
+    assert m2.bandwidth(devices[0].name, devices[1].name) == m1.bandwidth(devices[0].name, devices[1].name)
+
+    # the second device's torch is "upgraded": its cached profile (and its links) are remeasured
+    devices[1].python = str(fake_torch_version_venv(tmp_path / "venv", "2.14.0"))
+    third, m3 = asyncio.run(profile_devices(devices, known, cache, link_seconds=0.2))
+    assert [p.from_cache for p in third] == [True, False]
+    assert third[1].versions["torch"] == "2.14.0" and third[1].collected_at > first[1].collected_at
+    assert ProfileCache(cache).load(devices[1].name).versions["torch"] == "2.14.0"
+    assert m3.bandwidth(devices[0].name, devices[1].name) != m1.bandwidth(devices[0].name, devices[1].name)
+
+    # --refresh remeasures even an unchanged device
+    fourth, _ = asyncio.run(profile_devices(devices[:1], known, cache, refresh=True, pairs=False, link_seconds=0.1))
+    assert not fourth[0].from_cache and fourth[0].collected_at > first[0].collected_at
+
+
+def test_profile_refuses_untrusted_device(tb4, tmp_path):
+    info, _ = tb4
+    inv = load_inventory(info.inventory_path)
+    with pytest.raises(HostKeyError) as exc:
+        asyncio.run(profile_devices(inv.devices[:1], KnownHosts(tmp_path / "empty_known_hosts"), tmp_path))
+    assert exc.value.kind == "unknown" and exc.value.fingerprint.startswith("SHA256:")
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_link_matrix_roundtrip():
+    m = LinkMatrix.empty(["a", "b", CONTROLLER])
+    m.set("a", "b", 100.0, 0.5)
+    m.set(CONTROLLER, "a", 50.0, 1.0, symmetric=False)
+    assert m.bandwidth("b", "a") == 100.0 and m.rtt("a", "b") == 0.5
+    assert m.bandwidth(CONTROLLER, "a") == 50.0 and m.bandwidth("a", CONTROLLER) is None
+    assert LinkMatrix(**json.loads(json.dumps(m.to_dict()))) == m
