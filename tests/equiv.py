@@ -62,7 +62,7 @@ def reference(cfg: JobConfig) -> tuple[list[float], dict[str, torch.Tensor]]:
         ids, labels = global_batch(data, it, cfg.batch_size, cfg.seed)
         loss = F.cross_entropy(model(ids), labels)
         (loss / k).backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (it + 1) % k == 0 or it + 1 == cfg.steps:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -80,7 +80,7 @@ def _rank_main(rank: int, cfg: JobConfig, out_dir: str) -> None:
     device = edist.init(rank, cfg.world_size, cfg.master_addr, cfg.master_port, cfg.addrs[rank],
                         timeout_s=cfg.timeout_s)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, seed=cfg.seed)
+    model = build_model(cfg.model, seed=cfg.seed, parts=engine.model_parts(cfg, rank))
     data = _data(cfg, model)
     trainer = engine.build(cfg, rank, model, device)
     losses = []

@@ -150,3 +150,79 @@ def test_bad_weights_dir(tmp_path: Path) -> None:
 def test_unknown_name() -> None:
     with pytest.raises(ValueError, match="unknown model 'gpt5'"):
         build_model("gpt5")
+
+
+# ------------------------------------------------------------ partial materialisation
+
+
+def _tensors(model: StagedModel) -> dict[str, torch.Tensor]:
+    return {**dict(model.hf.named_parameters()), **dict(model.hf.named_buffers())}
+
+
+def _held_keys(model: StagedModel, parts: list) -> set[str]:
+    """HF names of the tensors that belong to ``parts``."""
+    ids = {id(t) for p in parts for t in [*model.part_module(p).parameters(),
+                                          *model.part_module(p).buffers()]}
+    return {k for k, t in _tensors(model).items() if id(t) in ids}
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_subset_equals_full_build(name: str) -> None:
+    """Any subset of parts builds bit-identically to the same parts of the full model;
+    the rest stays on meta (never allocated)."""
+    full = _tensors(build_model(name, seed=5))
+    n = PRESETS[name].n_layer
+    for parts in (["embed"], [n - 1], ["head", 0], ["embed", *range(n), "head"]):
+        model = build_model(name, seed=5, parts=parts)
+        assert model.parts == frozenset(parts)
+        held = _held_keys(model, parts)
+        for key, t in _tensors(model).items():
+            if key in held:
+                assert not t.is_meta and torch.equal(t, full[key]), (parts, key)
+            else:
+                assert t.is_meta, (parts, key)
+
+
+def test_bad_parts() -> None:
+    with pytest.raises(ValueError, match=r"unknown model parts \[4\]"):
+        build_model("tiny-gpt2", parts=[0, 4])
+    with pytest.raises(ValueError, match="unknown model parts"):
+        build_model("tiny-gpt2", parts=["blocks"])
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_subset_from_weights(name: str, tmp_path: Path) -> None:
+    saved = build_model(name, seed=7)
+    saved.hf.save_pretrained(tmp_path)
+    ref = _tensors(saved)
+    part = build_model(name, weights=str(tmp_path), parts=[1, "head"], seed=99)
+    built = {k for k, t in _tensors(part).items() if not t.is_meta}
+    assert built == _held_keys(part, [1, "head"]) and built
+    for key in built:
+        assert torch.equal(_tensors(part)[key], ref[key]), key
+
+
+def test_base_model_checkpoint_and_fp16(tmp_path: Path) -> None:
+    """A base-model checkpoint (no ``transformer.`` prefix, no classification head, fp16)
+    loads its tensors into the task model; the missing head is seeded like a fresh build."""
+    src = build_model("tiny-gpt2", seed=1)
+    src.hf.transformer.half().save_pretrained(tmp_path)
+    loaded = build_model("tiny-gpt2", weights=str(tmp_path), seed=3)
+    fresh = build_model("tiny-gpt2", seed=3)
+    w = loaded.blocks[2].inner.attn.c_attn.weight
+    assert w.dtype == torch.float32
+    assert torch.equal(w, src.blocks[2].inner.attn.c_attn.weight.half().float())
+    assert torch.equal(loaded.hf.score.weight, fresh.hf.score.weight)
+    assert torch.equal(loaded.hf.transformer.ln_f.weight, src.hf.transformer.ln_f.weight.half().float())
+
+
+def test_missing_block_tensors(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model = build_model("tiny-gpt2")
+    model.hf.save_pretrained(tmp_path)
+    state = {k: v.contiguous() for k, v in model.hf.state_dict().items() if ".h.3." not in k}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    build_model("tiny-gpt2", weights=str(tmp_path), parts=[0, 1, 2])  # block 3 not needed
+    with pytest.raises(ValueError, match=r"lacks .*h\.3\..*part 3"):
+        build_model("tiny-gpt2", weights=str(tmp_path))

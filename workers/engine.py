@@ -65,6 +65,17 @@ def rank_slice(n: int, rank: int, world: int) -> slice:
     return slice(start, start + base + (1 if rank < extra else 0))
 
 
+def model_parts(cfg: JobConfig, rank: int):
+    """The model parts this rank must materialise (``None``: the whole model).
+
+    Pipeline stages build only their own blocks, so a model larger than one device's
+    memory can still load on each stage.
+    """
+    module = importlib.import_module(f"workers.parallel.{cfg.parallelism}")
+    fn = getattr(module, "model_parts", None)
+    return fn(cfg, rank) if fn is not None else None
+
+
 def build(cfg: JobConfig, rank: int, model, device: torch.device) -> Trainer:
     """Instantiate the trainer of ``cfg.parallelism`` for this rank."""
     module = importlib.import_module(f"workers.parallel.{cfg.parallelism}")

@@ -18,12 +18,16 @@ Conventions that distributed runs rely on:
   bert is right-padded so the pooled first position is ``[CLS]``.
 * Attention is ``sdpa``; with no mask, HF's sdpa path is causal exactly when the module
   says so, and the blocks pass ``is_causal`` explicitly as well.
+* A model can be built in part (``build_model(parts=...)``): the HF model is created on
+  ``meta`` and only the listed parts are allocated, each initialised from its own seed
+  (``workers.materialise``), so a pipeline stage never holds the other stages' blocks.
 
 Runs on devices: imports torch, transformers and the standard library only.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,6 +44,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from .materialise import TensorReader, check_weights_dir, materialise, part_seed  # noqa: F401 (re-exported)
 from .presets import FAMILIES, NUM_LABELS, PAD_TOKEN_ID, PRESETS, Preset  # noqa: F401 (re-exported)
 
 
@@ -50,8 +55,6 @@ _MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "bert": DistilBertForSequenceClassification,
     "opt": OPTForSequenceClassification,
 }
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
 
 
 def pool_position(family: str) -> int:
@@ -310,6 +313,9 @@ class StagedModel(nn.Module):
         ``nn.ModuleList`` of :class:`Block`; ``blocks[i].inner`` is the HF layer.
     head
         ``forward(hidden[B,S,H]) -> logits[B,2]``.
+    parts
+        The materialised parts (``'embed'``, block indices, ``'head'``); the others'
+        parameters are on the ``meta`` device (see :func:`build_model`).
 
     Notes
     -----
@@ -346,6 +352,15 @@ class StagedModel(nn.Module):
             self.head = OPTHead(hf)
         self.blocks = nn.ModuleList(Block(layer, self.causal) for layer in layers)
         self.n_blocks = len(self.blocks)
+        self.parts: frozenset[Part] = frozenset(all_parts(self.n_blocks))
+
+    def part_module(self, part: Part) -> nn.Module:
+        """The module of one part: ``embed``, ``blocks[i]`` or ``head``."""
+        if part == "embed":
+            return self.embed
+        if part == "head":
+            return self.head
+        return self.blocks[part]
 
     @property
     def pool_position(self) -> int:
@@ -360,21 +375,30 @@ class StagedModel(nn.Module):
         return self.head(hidden)
 
 
-def _check_weights_dir(path: Path) -> None:
-    if not path.is_dir():
-        raise ValueError(f"weights directory {str(path)!r} does not exist or is not a directory")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"weights directory {str(path)!r} is not a Hugging Face model "
-                         "directory: config.json is missing")
-    if not any((path / f).is_file() for f in _WEIGHT_FILES):
-        raise ValueError(f"weights directory {str(path)!r} has no weights file: expected one "
-                         f"of {', '.join(_WEIGHT_FILES)}")
+Part = int | str  # 'embed', 'head' or a block index
 
 
-def _load_weights(path: Path, name: str | None, vocab_size: int | None) -> StagedModel:
+def all_parts(n_blocks: int) -> list[Part]:
+    """Every part of a model with ``n_blocks`` blocks, in forward order."""
+    return ["embed", *range(n_blocks), "head"]
+
+
+def _check_parts(parts: Iterable[Part] | None, n_blocks: int) -> frozenset[Part]:
+    if parts is None:
+        return frozenset(all_parts(n_blocks))
+    out = frozenset(parts)
+    bad = [p for p in out if not (p in ("embed", "head") or (type(p) is int and 0 <= p < n_blocks))]
+    if bad:
+        raise ValueError(f"unknown model parts {bad!r}: expected 'embed', 'head' or block "
+                         f"indices 0..{n_blocks - 1}")
+    return out
+
+
+def _weights_config(path: Path, name: str | None, vocab_size: int | None) -> tuple[PretrainedConfig, str]:
+    """Config of a local HF directory, checked against the preset; and our family."""
     from transformers import AutoConfig
 
-    _check_weights_dir(path)
+    check_weights_dir(path)
     try:
         cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # a broken config.json: say which directory
@@ -393,17 +417,12 @@ def _load_weights(path: Path, name: str | None, vocab_size: int | None) -> Stage
     cfg.num_labels = NUM_LABELS
     if cfg.pad_token_id is None:
         cfg.pad_token_id = PAD_TOKEN_ID
-    try:
-        hf = _MODEL_CLASSES[family].from_pretrained(
-            str(path), config=cfg, local_files_only=True, attn_implementation="sdpa")
-    except Exception as exc:
-        raise ValueError(f"weights directory {str(path)!r}: cannot load the model ({exc})") from exc
-    preset_name = name if name in PRESETS else path.name
-    return StagedModel(hf, preset_from_config(hf.config, preset_name))
+    cfg._attn_implementation = "sdpa"
+    return cfg, family
 
 
 def build_model(name: str, weights: str | None = None, vocab_size: int | None = None,
-                seed: int = 0) -> StagedModel:
+                seed: int = 0, parts: Iterable[Part] | None = None) -> StagedModel:
     """Build a preset with seeded random weights, or load a local HF model directory.
 
     Parameters
@@ -412,42 +431,58 @@ def build_model(name: str, weights: str | None = None, vocab_size: int | None = 
         A key of :data:`PRESETS`, or a path to a local HF model directory (then treated
         as ``weights``).
     weights
-        Optional local HF directory (``config.json`` + weights) to load with
-        ``local_files_only=True``; its config decides the architecture.  A head missing
-        from it (e.g. an LM checkpoint) is initialised from ``seed``.
+        Optional local HF directory (``config.json`` + weights); its config decides the
+        architecture.  Only the tensors of the built ``parts`` are read.  A head
+        missing from it (e.g. an LM checkpoint) is initialised from ``seed``.
     vocab_size
         Vocabulary for a fresh build (defaults to the preset's); with ``weights`` it
         must not exceed the checkpoint's.
     seed
-        Weights are drawn under ``torch.manual_seed(seed)`` in a forked RNG, so the same
-        seed gives identical parameters and the caller's RNG state is untouched.
+        Each part is drawn under its own seed derived from ``(seed, part)``
+        (:func:`part_seed`) in a forked RNG: the same seed gives identical parameters,
+        the caller's RNG state is untouched.
+    parts
+        What to materialise: ``'embed'``, ``'head'`` and block indices; ``None`` means
+        all.  The rest stays on the ``meta`` device (no memory); a part built alone is
+        bit-identical to the same part of the full build.
 
     Returns
     -------
     StagedModel
-        In train mode, on CPU.
+        In train mode; materialised parts on CPU in float32, ``model.parts`` lists them.
 
     Raises
     ------
     ValueError
-        Unknown preset, or a ``weights`` directory that is missing, lacks
-        ``config.json`` or a weights file, or holds an unsupported model.
+        Unknown preset or part, or a ``weights`` directory that is missing, lacks
+        ``config.json`` or a weights file, holds an unsupported model, or lacks
+        tensors of an embedding or block.
     """
     if weights is None and name not in PRESETS and os.path.isdir(name):
         weights = name
     if weights is None and name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; presets: {', '.join(PRESETS)} "
                          "(or give a local Hugging Face model directory)")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if weights is not None:
-            model = _load_weights(Path(weights), name, vocab_size)
-        else:
-            preset = PRESETS[name]
-            if vocab_size is not None:
-                preset = replace(preset, vocab_size=vocab_size)
-            hf = _MODEL_CLASSES[preset.family](hf_config(preset))
-            model = StagedModel(hf, preset)
+    reader = None
+    if weights is not None:
+        path = Path(weights)
+        cfg, family = _weights_config(path, name, vocab_size)
+        preset = preset_from_config(cfg, name if name in PRESETS else path.name)
+        try:
+            reader = TensorReader(path)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:  # a corrupt weights file
+            raise ValueError(f"weights directory {str(path)!r}: cannot read the weights ({exc})") from exc
+    else:
+        family = PRESETS[name].family
+        preset = PRESETS[name]
+        if vocab_size is not None:
+            preset = replace(preset, vocab_size=vocab_size)
+        cfg = hf_config(preset)
+    # Built on meta first: nothing is allocated until a part is materialised.
+    with torch.device("meta"):
+        hf = _MODEL_CLASSES[family](cfg)
+    model = StagedModel(hf, preset)
+    materialise(model, _check_parts(parts, model.n_blocks), seed, reader)
     model.train()
     return model
 

@@ -83,7 +83,8 @@ def run(cfg, rank: int, emitter) -> int:
             _cap_cuda_memory(torch, device)
         emitter.emit("event", name="joined", message=f"joined process group as rank {rank}/{cfg.world_size}")
         phase = "load"
-        model = build_model(cfg.model, weights=cfg.weights, seed=cfg.seed)
+        model = build_model(cfg.model, weights=cfg.weights, seed=cfg.seed,
+                            parts=engine.model_parts(cfg, rank))
         data, _vocab = load_dataset(cfg.dataset, model.family, model.preset.vocab_size, cfg.seq_len,
                                     cfg.seed, tokenizer_dir=cfg.tokenizer)
         trainer = engine.build(cfg, rank, model, device)
