@@ -82,13 +82,13 @@ def print_summary(state: RunState, out=sys.stdout) -> None:
     print(f"throughput {_fmt(s['throughput_sps'], '.1f', ' samples/s')}  "
           f"latency/sample {_fmt(s['latency_per_sample_s'] and s['latency_per_sample_s'] * 1e3, '.3f', ' ms')}  "
           f"energy/sample {_fmt(s['energy_per_sample_j'], '.4f', ' J')} ({methods})", file=out)
-    hdr = f"{'device':<12} {'rank':>4} {"role":<18} {'status':<8} {'steps':>5} {'lat/sample':>11} " \
+    hdr = f"{'device':<12} {'rank':>4} {'role':<18} {'status':<8} {'steps':>5} {'lat/sample':>11} " \
           f"{'samples/s':>9} {'energy J':>9} {'method':<16} {'peak mem':>10}"
     print(hdr, file=out)
     print("-" * len(hdr), file=out)
     for d in s["devices"]:
         lat = d["latency_per_sample_s"]
-        print(f"{d['device']:<12} {d['rank']:>4} {(d["role"] or "-")[:18]:<18} {d['status']:<8} {d['steps']:>5} "
+        print(f"{d['device']:<12} {d['rank']:>4} {(d['role'] or '-')[:18]:<18} {d['status']:<8} {d['steps']:>5} "
               f"{_fmt(lat and lat * 1e3, '.3f', ' ms'):>11} {_fmt(d['local_throughput_sps'], '.1f'):>9} "
               f"{d['energy_j']:>9.2f} {(d['energy_method'] or '-'):<16} {_fmt_bytes(d['peak_mem_bytes']):>10}",
               file=out)
