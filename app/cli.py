@@ -184,7 +184,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _add_run_flags(p: argparse.ArgumentParser, steps: int = 10, model: str = "tiny-gpt2") -> None:
     p.add_argument("--model", default=model, help="preset name or a local Hugging Face model directory")
-    p.add_argument("--parallelism", default="dp", choices=["dp", "sp", "tp", "pp", "hybrid"])
+    if not any(a.dest == "parallelism" for a in p._actions):
+        p.add_argument("--parallelism", default="dp", choices=["dp", "sp", "tp", "pp", "hybrid"])
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=128, help="global mini-batch (paper: 128)")
     p.add_argument("--seq-len", type=int, default=32)
