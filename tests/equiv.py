@@ -97,6 +97,8 @@ def _rank_main(rank: int, cfg: JobConfig, out_dir: str) -> None:
 
 def run_parallel(cfg: JobConfig) -> list[dict]:
     """Spawn the ranks; returns ``[{"losses", "state", "role"}, ...]`` by rank."""
+    # a port picked when the config was made may have been taken since (other tests)
+    cfg.master_port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_rank_main, args=(cfg, tmp), nprocs=cfg.world_size, start_method="spawn", join=True)
         out = []

@@ -1,0 +1,177 @@
+"""Tensor parallelism (Megatron-style) with DTensor on a 1-D device mesh.
+
+Every rank runs the whole batch through every layer, holding a 1/W shard of each
+layer's attention and MLP weights:
+
+* attention is split by heads: q/k/v projections column-wise (each rank computes whole
+  heads), the output projection row-wise (partial sums all-reduced);
+* the MLP is split by its hidden width: first linear column-wise, second row-wise.
+
+So each layer costs two all-reduces of ``[B, S, H]`` forward and two backward (DTensor's
+``ColwiseParallel``/``RowwiseParallel`` insert them).  Embeddings, LayerNorms and the
+classification head are replicated: their inputs are the all-reduced activations,
+identical on every rank, and so are their gradients (the equivalence test checks this
+bit for bit), so they need no collective and every rank's optimizer step keeps them
+equal.
+
+Family specifics (transformers 5.x):
+
+* gpt2 uses ``Conv1D`` (weight ``[in, out]``) with q, k and v fused in one ``c_attn``;
+  ``ColwiseParallel`` refuses ``Conv1D``.  Each ``Conv1D`` becomes an ``nn.Linear`` with the
+  transposed weight, and ``c_attn``'s output columns are re-ordered from
+  ``[q | k | v]`` to ``[q_0 k_0 v_0 | q_1 k_1 v_1 | ...]`` (``x_r`` = rank r's heads), so a
+  contiguous column split gives each rank whole heads of q, k *and* v.  ``split_size``
+  becomes H/W.  :meth:`TensorParallel.full_state` undoes both, giving tensors in the HF
+  layout under the HF names.
+* opt reads ``self_attn.num_heads`` in ``view(bsz, -1, num_heads, head_dim)``: left at H
+  it silently folds heads into the sequence axis, so it is set to H_heads/W.
+* DistilBERT's attention infers heads from the width (``view(..., -1, head_size)``);
+  ``n_heads`` is set to the local count anyway so the module describes itself truly.
+
+The HF layers' own forwards run unchanged on the local shards (the full sequence is
+present, so HF's causal sdpa path is exact).  The optimizer steps every iteration.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from ..config import JobConfig
+from ..engine import StepResult, Trainer, loss_fn, make_optimizer
+
+# Per family: module paths inside one HF layer -> "col" / "row".
+_PLANS: dict[str, dict[str, str]] = {
+    "gpt2": {"attn.c_attn": "col", "attn.c_proj": "row", "mlp.c_fc": "col", "mlp.c_proj": "row"},
+    "bert": {"attention.q_lin": "col", "attention.k_lin": "col", "attention.v_lin": "col",
+             "attention.out_lin": "row", "ffn.lin1": "col", "ffn.lin2": "row"},
+    "opt": {"self_attn.q_proj": "col", "self_attn.k_proj": "col", "self_attn.v_proj": "col",
+            "self_attn.out_proj": "row", "fc1": "col", "fc2": "row"},
+}
+
+
+def check_divisible(model_name: str, heads: int, ffn: int, world: int) -> None:
+    """Raise ``ValueError`` unless heads and FFN width split evenly over ``world`` ranks."""
+    if heads % world:
+        raise ValueError(f"tensor parallelism splits attention by heads: model {model_name!r} has "
+                         f"{heads} heads, not divisible by world size {world}")
+    if ffn % world:
+        raise ValueError(f"tensor parallelism splits the MLP by width: model {model_name!r} has "
+                         f"FFN width {ffn}, not divisible by world size {world}")
+
+
+def qkv_permutation(width: int, world: int) -> torch.Tensor:
+    """Row order that turns ``[q | k | v]`` into per-rank ``[q_r k_r v_r]`` blocks.
+
+    ``new = old[perm]``; ``width`` is the model width (each of q, k, v is that wide).
+    """
+    per = width // world
+    idx = [part * width + r * per + torch.arange(per) for r in range(world) for part in range(3)]
+    return torch.cat(idx)
+
+
+def _conv_to_linear(conv: nn.Module, row_perm: torch.Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` computing what HF ``Conv1D`` does, optionally with output rows permuted."""
+    weight = conv.weight.detach().t()            # Conv1D: [in, out]; Linear: [out, in]
+    bias = conv.bias.detach()
+    if row_perm is not None:
+        weight, bias = weight[row_perm], bias[row_perm]
+    lin = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        lin.bias.copy_(bias)
+    return lin
+
+
+class TensorParallel(Trainer):
+    """Each rank holds 1/W of every layer's attention heads and MLP width."""
+
+    def __init__(self, cfg: JobConfig, rank: int, model, device: torch.device) -> None:
+        self.cfg, self.rank, self.world = cfg, rank, cfg.world_size
+        preset = model.preset
+        check_divisible(preset.name, preset.heads, preset.ffn, self.world)
+        self.role = f"shard {rank + 1}/{self.world}"
+        self.model = model.to(device)
+        self.device = device
+        # full param name -> inverse row permutation (or None) for gpt2's converted Conv1Ds
+        self._from_conv: dict[str, torch.Tensor | None] = {}
+        if model.family == "gpt2":
+            self._convert_gpt2()
+        self._localise_head_counts()
+        mesh = init_device_mesh(device.type, (self.world,))
+        styles = {"col": ColwiseParallel, "row": RowwiseParallel}
+        plan = {path: styles[kind]() for path, kind in _PLANS[model.family].items()}
+        for block in model.blocks:
+            parallelize_module(block.inner, mesh, plan)
+        # Sharded (DTensor) and replicated (plain) parameters in separate groups: the
+        # foreach optimizer kernels (the default on CUDA) refuse a mix of the two.
+        params = list(self.model.parameters())
+        groups = [{"params": [p for p in params if isinstance(p, DTensor)]},
+                  {"params": [p for p in params if not isinstance(p, DTensor)]}]
+        self.opt = make_optimizer([g for g in groups if g["params"]], cfg)
+
+    def _convert_gpt2(self) -> None:
+        hf = self.model.hf
+        width = self.model.hidden
+        perm = qkv_permutation(width, self.world)
+        inverse = torch.argsort(perm)
+        for i, layer in enumerate(hf.transformer.h):
+            prefix = f"hf.transformer.h.{i}."
+            for path in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+                parent_path, attr = path.split(".")
+                parent = getattr(layer, parent_path)
+                is_qkv = path == "attn.c_attn"
+                setattr(parent, attr, _conv_to_linear(getattr(parent, attr), perm if is_qkv else None))
+                for kind in ("weight", "bias"):
+                    self._from_conv[f"{prefix}{path}.{kind}"] = inverse if is_qkv else None
+
+    def _localise_head_counts(self) -> None:
+        """Set the head-count attributes the HF forwards read to this rank's share."""
+        heads = self.model.preset.heads // self.world
+        for block in self.model.blocks:
+            inner = block.inner
+            if self.model.family == "gpt2":
+                inner.attn.num_heads = heads
+                inner.attn.split_size = heads * inner.attn.head_dim  # width of q (and k, v) here
+            elif self.model.family == "opt":
+                inner.self_attn.num_heads = heads
+            else:
+                inner.attention.n_heads = heads
+
+    def train_step(self, it: int, ids: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        x, y = ids.to(self.device), labels.to(self.device)
+        self.phase = "forward"
+        loss = loss_fn(self.model(x), y)
+        self.phase = "backward"
+        loss.backward()
+        self.phase = "optimizer"
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return StepResult(loss=float(loss.detach()), samples=ids.shape[0], local_samples=ids.shape[0],
+                          synced=True)
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Every parameter as the full tensor in the HF layout, under the HF name.
+
+        Sharded parameters are all-gathered, so every rank must call this together (in
+        the same parameter order, which ``named_parameters`` guarantees).
+        """
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self.model.named_parameters():
+            t = p.detach()
+            if isinstance(t, DTensor):
+                t = t.full_tensor()
+            if name in self._from_conv:
+                inverse = self._from_conv[name]
+                if inverse is not None:
+                    t = t[inverse]
+                if name.endswith(".weight"):
+                    t = t.t().contiguous()          # back to Conv1D's [in, out]
+            out[name] = t.cpu()
+        return out
+
+
+def build(cfg: JobConfig, rank: int, model, device: torch.device) -> Trainer:
+    return TensorParallel(cfg, rank, model, device)
