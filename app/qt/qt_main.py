@@ -1,0 +1,492 @@
+"""The control panel's main window: devices, topology canvas, run settings, plan, charts.
+
+The window owns the models (device list, topology, undo stack, profiles) and the asyncio
+thread; the panels are views over those models.  Everything that touches the network
+(checks, host keys, profiling, runs) is submitted to the asyncio thread and comes back
+through queued signals.  Device actions live in :mod:`app.qt.qt_device_actions`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QAction, QCloseEvent, QKeySequence, QUndoStack
+from PySide6.QtWidgets import (QDockWidget, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QSplitter, QTabWidget,
+                               QToolBar, QVBoxLayout, QWidget)
+
+from app.core.discovery import DeviceList
+from app.core.inventory import Inventory, InventoryError, load_inventory
+from app.core.jobs import default_runs_dir, edgetrain_home
+from app.core.loop import AsyncLoop
+from app.core.plan_model import UnknownModelError, resolve_model
+from app.core.preview import PlanPreview, compute_preview
+from app.core.series import SeriesStore, record_points
+from app.core.session import Session, SessionError, load_session, save_session
+from app.core.ssh import KnownHosts
+from app.core.topology import Topology
+
+from .qt_bridge import QtDeviceListBridge, QtFutures
+from .qt_canvas import QtTopologyScene, QtTopologyView
+from .qt_charts import QtLiveCharts
+from .qt_commands import QtMoveNodeCommand, QtSetOrderCommand, QtSetParticipantCommand
+from .qt_device_actions import QtDeviceActions
+from .qt_devices import QtDevicesPanel
+from .qt_file_actions import QtFileActions
+from .qt_history import QtRunHistory, QtRunViewer, apply_plan_references
+from .qt_plan import QtPlanner, QtPlanView
+from .qt_run import QtRunController
+from .qt_runconfig import QtRunConfigPanel
+from .qt_runviews import QtEventLog, QtRunSummary
+from .qt_style import device_colour, fmt_ms
+
+log = logging.getLogger("edgetrain.qt")
+MARKER_KINDS = ("oom", "failure", "error")
+
+
+def _titled(title: str, widget: QWidget, parent: QWidget, extra: QWidget | None = None) -> QWidget:
+    box = QWidget(parent)
+    lay = QVBoxLayout(box)
+    lay.setContentsMargins(2, 2, 2, 2)
+    lay.setSpacing(2)
+    label = QLabel(f"<b>{title}</b>", box)
+    if extra is not None:
+        row = QHBoxLayout()
+        row.addWidget(label)
+        row.addStretch(1)
+        row.addWidget(extra)
+        lay.addLayout(row)
+    else:
+        lay.addWidget(label)
+    lay.addWidget(widget, 1)
+    return box
+
+
+class QtMainWindow(QMainWindow):
+    """EdgeTrain's control panel.
+
+    Parameters
+    ----------
+    inventory
+        Inventory file to load at start (optional).
+    session
+        Session file to restore at start (optional; wins over ``inventory``).
+    runs_dir
+        Where run records go (default ``$EDGETRAIN_HOME/runs``).
+    loop
+        An :class:`AsyncLoop` to use; by default the window starts its own and stops it
+        when it closes.
+    check_devices
+        Check reachability and host keys of the devices after loading them.
+    """
+
+    progress = Signal(str)   # from the asyncio thread; shown in the status bar
+
+    def __init__(self, inventory: Path | str | None = None, session: Path | str | None = None,
+                 runs_dir: Path | str | None = None, loop: AsyncLoop | None = None,
+                 check_devices: bool = True) -> None:
+        super().__init__()
+        self.setWindowTitle("EdgeTrain — control panel")
+        self.loop = loop or AsyncLoop().start()
+        self._own_loop = loop is None
+        self.check_devices = check_devices
+        self.futures = QtFutures(self)
+        self.runs_dir = Path(runs_dir) if runs_dir else default_runs_dir()
+        self.inventory_path: Path | None = None
+        self.known_hosts = KnownHosts(edgetrain_home() / "known_hosts")
+        self.devices = DeviceList(self.known_hosts)
+        self.topology = Topology()
+        self.undo = QUndoStack(self)
+        self.profiles: dict[str, Any] = {}
+        self.links: Any = None                       # the last LinkMatrix measured here
+        self.link_mbps: dict[tuple[str, str], float] = {}   # measured or cached, for the canvas
+        self.store = SeriesStore()
+        self._t0 = 0.0
+        self._closed = False
+        self.viewers: list[QtRunViewer] = []
+        self._build_views()
+        self._build_actions()
+        self._wire()
+        self.resize(1400, 900)
+        if session:
+            self.open_session(session)
+        elif inventory:
+            self.load_inventory(inventory)
+        self._on_settings_changed()
+
+    # ------------------------------------------------------------------ construction
+    def _build_views(self) -> None:
+        self.devices_panel = QtDevicesPanel(self.devices, self.topology, self)
+        self.device_bridge = QtDeviceListBridge(self.devices, self)
+        self.devices_panel.connect_bridge(self.device_bridge.added, self.device_bridge.changed,
+                                          self.device_bridge.removed)
+        self.scene = QtTopologyScene(self.topology, colour_of=self.colour_of, bandwidth_of=self.bandwidth_of,
+                                     parent=self)
+        self.scene.tooltip_of = self._node_tooltip
+        self.canvas = QtTopologyView(self.scene, self)
+        self.run_config = QtRunConfigPanel(parent=self)
+        self.plan_view = QtPlanView(self)
+        self.planner = QtPlanner(self._plan_inputs, parent=self)
+        self.charts = QtLiveCharts(self.store, colour_of=self.colour_of, parent=self)
+        self.event_log = QtEventLog(self)
+        self.summary = QtRunSummary(self)
+        self.history = QtRunHistory(lambda: self.runs_dir, self)
+        self.run = QtRunController(self.loop, self.futures, self)
+        self.device_actions = QtDeviceActions(self)
+        self.file_actions = QtFileActions(self)
+        self.run_label = QLabel("idle", self)
+        self.statusBar().addPermanentWidget(self.run_label)
+
+        self.canvas_box = _titled("Topology — drag a node to change the stage order", self.canvas, self)
+        center = QSplitter(Qt.Vertical, self)
+        center.addWidget(self.canvas_box)
+        center.addWidget(_titled("Live telemetry — dashed: predicted", self.charts, self))
+        center.setSizes([300, 560])
+        self.setCentralWidget(center)
+
+        left = QSplitter(Qt.Vertical, self)
+        left.addWidget(_titled("Devices", self.devices_panel, self))
+        left.addWidget(_titled("Plan preview", self.plan_view, self))
+        left.setSizes([420, 400])
+        self.left_dock = self._dock("Devices and plan", left, Qt.LeftDockWidgetArea)
+        self.config_dock = self._dock("Run configuration", self.run_config, Qt.RightDockWidgetArea)
+        self.bottom_tabs = QTabWidget(self)
+        self.bottom_tabs.addTab(self.event_log, "Event log")
+        self.bottom_tabs.addTab(self.summary, "Run summary")
+        self.bottom_tabs.addTab(self.history, "History")
+        self.bottom_dock = self._dock("Run", self.bottom_tabs, Qt.RightDockWidgetArea)
+        self.resizeDocks([self.left_dock, self.config_dock], [440, 340], Qt.Horizontal)
+        self.resizeDocks([self.config_dock, self.bottom_dock], [400, 420], Qt.Vertical)
+
+    def _dock(self, title: str, widget: QWidget, area: Qt.DockWidgetArea) -> QDockWidget:
+        dock = QDockWidget(title, self)
+        dock.setObjectName(title)
+        dock.setWidget(widget)
+        dock.setFeatures(QDockWidget.DockWidgetMovable | QDockWidget.DockWidgetFloatable)
+        self.addDockWidget(area, dock)
+        return dock
+
+    def _action(self, text: str, slot, shortcut: QKeySequence | str | None = None, tip: str = "") -> QAction:
+        act = QAction(text, self)
+        act.triggered.connect(slot)
+        if shortcut is not None:
+            act.setShortcut(QKeySequence(shortcut))
+        if tip:
+            act.setToolTip(tip)
+            act.setStatusTip(tip)
+        return act
+
+    def _build_actions(self) -> None:
+        # own actions (not createUndoAction): a fixed label keeps the toolbar from jumping;
+        # the command's text goes into the tooltip
+        self.undo_action = self._action("Undo", self.undo_step, QKeySequence.Undo)
+        self.redo_action = self._action("Redo", self.redo_step, "Ctrl+Shift+Z")
+        self.redo_action.setShortcuts([QKeySequence("Ctrl+Shift+Z"), QKeySequence("Ctrl+Y")])
+        self.undo_action.setEnabled(False)
+        self.redo_action.setEnabled(False)
+        self.undo.canUndoChanged.connect(self.undo_action.setEnabled)
+        self.undo.canRedoChanged.connect(self.redo_action.setEnabled)
+        self.undo.undoTextChanged.connect(lambda t: self.undo_action.setToolTip(f"Undo {t}" if t else "Undo"))
+        self.undo.redoTextChanged.connect(lambda t: self.redo_action.setToolTip(f"Redo {t}" if t else "Redo"))
+        self.launch_action = self._action("▶ Launch", self.launch, "Ctrl+R", "Start a run on the participants")
+        self.stop_action = self._action("■ Stop", self.stop_run, "Ctrl+.", "Stop the run (workers are killed)")
+        self.stop_action.setEnabled(False)
+        self.arrange_action = self._action("Auto-arrange", self.auto_arrange, None,
+                                           "Apply the planner's suggested stage order")
+        open_inv = self._action("Open inventory…", self.file_actions.ask_inventory, "Ctrl+I")
+        open_ses = self._action("Open session…", self.file_actions.ask_open_session, QKeySequence.Open)
+        save_ses = self._action("Save session…", self.file_actions.ask_save_session, QKeySequence.Save)
+        png = self._action("Export chart PNG…", self.file_actions.ask_export_png)
+        csv_ = self._action("Export chart CSV…", self.file_actions.ask_export_csv)
+        quit_ = self._action("Quit", self.close, QKeySequence.Quit)
+        for act in (self.undo_action, self.redo_action, self.launch_action, self.stop_action):
+            act.setShortcutContext(Qt.ApplicationShortcut)
+            self.addAction(act)
+        bar = QToolBar("Main", self)
+        bar.setObjectName("main-toolbar")
+        bar.setMovable(False)
+        bar.setToolButtonStyle(Qt.ToolButtonTextOnly)
+        for act in (self.launch_action, self.stop_action, None, self.undo_action, self.redo_action,
+                    self.arrange_action, None, open_inv, open_ses, save_ses, None, png, csv_):
+            bar.addSeparator() if act is None else bar.addAction(act)
+        self.addToolBar(bar)
+        menus = self.menuBar()
+        for title, acts in (("&File", (open_inv, open_ses, save_ses, None, png, csv_, None, quit_)),
+                            ("&Edit", (self.undo_action, self.redo_action)),
+                            ("&Run", (self.launch_action, self.stop_action, self.arrange_action))):
+            menu = menus.addMenu(title)
+            for act in acts:
+                menu.addSeparator() if act is None else menu.addAction(act)
+        dev_menu = menus.addMenu("&Devices")
+        for text, slot in (("Add device…", self.device_actions.add_device),
+                           ("Trust host key…", self.devices_panel.request_trust),
+                           ("Re-profile", self.devices_panel.request_reprofile),
+                           ("Check", self.device_actions.check)):
+            dev_menu.addAction(self._action(text, slot))
+
+    def _wire(self) -> None:
+        self.devices_panel.participant_toggled.connect(self.toggle_participant)
+        self.devices_panel.add_requested.connect(self.device_actions.add_device)
+        self.devices_panel.trust_requested.connect(self.device_actions.trust)
+        self.devices_panel.reprofile_requested.connect(self.device_actions.reprofile)
+        self.devices_panel.check_requested.connect(self.device_actions.check)
+        self.scene.move_requested.connect(self.move_node)
+        self.run_config.settings_changed.connect(self._on_settings_changed)
+        self.topology.order_changed.connect(self._on_order_changed)
+        self.planner.updated.connect(self._on_plan)
+        self.run.record.connect(self._on_record)
+        self.run.device_changed.connect(self._on_device_status)
+        self.run.event.connect(self._on_event)
+        self.run.finished.connect(self._on_finished)
+        self.history.open_requested.connect(self.open_run)
+        self.progress.connect(self.statusBar().showMessage)
+
+    # ------------------------------------------------------------------ lookups for views
+    def colour_of(self, name: str):
+        return device_colour(self.devices_panel.model.colour_index(name))
+
+    def bandwidth_of(self, a: str, b: str) -> float | None:
+        """Measured Mbit/s between two devices (either direction), ``None`` if never measured."""
+        return self.link_mbps.get((a, b)) or self.link_mbps.get((b, a))
+
+    def _node_tooltip(self, node) -> str:
+        prof = self.profiles.get(node.id)
+        gf = f"{prof.gflops_fp32:.0f} GFLOP/s" if prof and prof.gflops_fp32 else "not profiled"
+        return f"{node.id} — {node.role}\n{node.shard}\n{gf}"
+
+    # ------------------------------------------------------------------ inventory, session
+    def load_inventory(self, path: Path | str) -> Inventory | None:
+        """Add the inventory's devices to the list (errors go to a message box)."""
+        try:
+            inv = load_inventory(path)
+        except InventoryError as exc:
+            QMessageBox.warning(self, "Inventory", str(exc))
+            return None
+        self.inventory_path = Path(path)
+        if inv.known_hosts is not None:
+            self.known_hosts = KnownHosts(inv.known_hosts)
+            self.devices.known_hosts = self.known_hosts
+        self.devices.load_inventory(inv)
+        self.device_actions.load_cached_profiles()
+        if self.check_devices:
+            self.device_actions.check()
+        return inv
+
+    def session(self) -> Session:
+        manual = [e.device.to_dict() for e in self.devices.entries()
+                  if "manual" in e.sources and "inventory" not in e.sources]
+        return Session(inventory=str(self.inventory_path) if self.inventory_path else None,
+                       participants=self.topology.participants, settings=self.run_config.settings(),
+                       manual_devices=manual)
+
+    def save_session(self, path: Path | str) -> Path:
+        return save_session(path, self.session())
+
+    def open_session(self, path: Path | str) -> bool:
+        try:
+            ses = load_session(path)
+        except SessionError as exc:
+            QMessageBox.warning(self, "Session", str(exc))
+            return False
+        if ses.inventory and (self.inventory_path is None or Path(ses.inventory) != self.inventory_path):
+            self.load_inventory(ses.inventory)
+        for d in ses.manual_devices:
+            if self.devices.get(d["name"]) is None:
+                try:
+                    self.devices.add_manual(d["name"], d["host"], int(d.get("port", 22)), d.get("user"),
+                                            d.get("key"), d.get("python", "python3"))
+                except ValueError as exc:
+                    log.warning("session device %s skipped: %s", d["name"], exc)
+        self.run_config.set_settings(ses.settings)
+        missing = [p for p in ses.participants if self.devices.get(p) is None]
+        self.topology.set_participants([p for p in ses.participants if p not in missing])
+        self.undo.clear()
+        if missing:
+            self.statusBar().showMessage(f"session devices not found: {', '.join(missing)}", 8000)
+        return True
+
+    # ------------------------------------------------------------------ gestures -> commands
+    def toggle_participant(self, name: str, on: bool) -> None:
+        if self._order_locked():
+            return
+        if on != (name in self.topology):
+            self.undo.push(QtSetParticipantCommand(self.topology, name, on))
+
+    def move_node(self, name: str, old: int, new: int) -> None:
+        if not self.run.running:
+            self.undo.push(QtMoveNodeCommand(self.topology, name, old, new))
+
+    def undo_step(self) -> None:
+        if self._order_locked():
+            return
+        self.undo.undo()
+
+    def redo_step(self) -> None:
+        if self._order_locked():
+            return
+        self.undo.redo()
+
+    def _order_locked(self) -> bool:
+        """During a run the ranks are fixed: gestures on the topology are refused."""
+        if self.run.running:
+            self.statusBar().showMessage("The order and participants are fixed while a run is in progress.", 4000)
+            return True
+        return False
+
+    def auto_arrange(self) -> None:
+        pv = self.planner.latest
+        parts = self.topology.participants
+        if pv is None or sorted(pv.suggested_order) != sorted(parts):
+            self.statusBar().showMessage("No suggestion for the current participants yet.", 4000)
+            return
+        if pv.suggested_order != parts and not self.run.running:
+            self.undo.push(QtSetOrderCommand(self.topology, pv.suggested_order))
+
+    # ------------------------------------------------------------------ plan
+    def _plan_inputs(self) -> dict[str, Any]:
+        parts = self.topology.participants
+        entries = [self.devices.get(n) for n in parts]
+        return {"settings": self.run_config.settings(), "order": parts,
+                "devices": [e.device for e in entries] if all(entries) else None,
+                "all_devices": self.devices.devices(),
+                "profiles": {n: self.profiles[n] for n in parts if n in self.profiles}}
+
+    def _on_settings_changed(self) -> None:
+        s = self.run_config.settings()
+        try:
+            n_layers = resolve_model(s.model).n_layer
+        except UnknownModelError:
+            n_layers = 0
+        self.topology.configure(parallelism=s.parallelism, n_layers=n_layers)
+        self.planner.request()
+
+    def _on_order_changed(self, _ids: list[str]) -> None:
+        self.planner.request()
+
+    def _on_plan(self, pv: PlanPreview) -> None:
+        self.plan_view.show_preview(pv)
+        if sorted(d.device for d in pv.devices) == sorted(self.topology.participants) and pv.stages:
+            self.topology.configure(stages=pv.stages)
+        for d in pv.devices:
+            self.topology.set_prediction(d.device, d.mem_bytes, d.capacity_bytes, d.oom)
+        if not self.run.running:
+            apply_plan_references(self.charts, pv.plan or asdict(pv))
+
+    # ------------------------------------------------------------------ runs
+    def launch(self) -> None:
+        """Start a run on the participants in their current order."""
+        if self.run.running:
+            return
+        names = self.topology.participants
+        if not names:
+            QMessageBox.information(self, "Launch", "Tick at least one device in the devices panel.")
+            return
+        pv = self.planner.latest
+        if pv is None or self.planner.busy:
+            # launch right after an edit: plan now (tens of ms) so the run, its record and the
+            # reference lines all use the plan for exactly these settings and this order
+            pv = compute_preview(**self._plan_inputs())
+            self._on_plan(pv)
+        settings = self.run_config.settings()
+        if settings.parallelism in ("pp", "hybrid") and self.topology.stages:
+            settings.stages = self.topology.stages  # run exactly the split the canvas shows
+        inv = Inventory(devices=[self.devices.get(n).device for n in names], known_hosts=self.known_hosts.path)
+        try:
+            # the record keeps the planner's own plan JSON (else the coarse estimate)
+            plan = (pv.plan or asdict(pv)) if pv is not None else None
+            state = self.run.start(inv, names, settings, self.runs_dir, plan=plan)
+        except (RuntimeError, ValueError, KeyError, OSError) as exc:
+            QMessageBox.warning(self, "Launch", str(exc))
+            return
+        self._t0 = state.started
+        self.charts.clear()
+        if plan is not None:
+            apply_plan_references(self.charts, plan)
+        self.event_log.clear()
+        self.summary.clear()
+        self.bottom_tabs.setCurrentWidget(self.event_log)
+        for n in names:
+            self.topology.set_status(n, "pending")
+        self.devices_panel.model.set_busy(set(names))
+        self.scene.set_locked(True)
+        self.run_config.setEnabled(False)   # the running job's settings cannot change under it
+        self.launch_action.setEnabled(False)
+        self.stop_action.setEnabled(True)
+        self.run_label.setText(f"run {state.run_id}: starting")
+
+    def stop_run(self) -> None:
+        self.run.stop()
+        self.run_label.setText("stopping…")
+
+    def _on_record(self, rec: dict) -> None:
+        for series, dev, x, y in record_points(rec, self._t0):
+            self.store.append(series, dev, x, y)
+        if rec.get("type") == "step" and self.run.state is not None:
+            state = self.run.state
+            step = max(d.steps for d in state.devices.values())
+            lat = rec.get("latency_per_sample_s")
+            self.run_label.setText(f"run {state.run_id}: step {step}/{state.config['settings']['steps']}  "
+                                   f"latency/sample {fmt_ms(lat)}")
+
+    def _on_device_status(self, name: str, status: str) -> None:
+        self.topology.set_status(name, status)  # ignored when the node is gone
+
+    def _on_event(self, ev: dict) -> None:
+        self.event_log.add_event(ev)
+        if ev.get("kind") in MARKER_KINDS and ev.get("device"):
+            self.charts.add_marker(float(ev["t"]) - self._t0, ev["kind"], ev["device"], ev.get("message", ""))
+
+    def _on_finished(self, outcome: str, summary: dict) -> None:
+        self.summary.show_summary(summary)
+        if not self._closed:
+            self.bottom_tabs.setCurrentWidget(self.summary)
+        self.devices_panel.model.set_busy(set())
+        self.scene.set_locked(False)
+        self.run_config.setEnabled(True)
+        self.launch_action.setEnabled(True)
+        self.stop_action.setEnabled(False)
+        self.run_label.setText(f"run {summary.get('run_id')}: {outcome}")
+        self.history.refresh()
+
+    def open_run(self, run_dir: str) -> QtRunViewer | None:
+        try:
+            viewer = QtRunViewer(run_dir)
+        except (OSError, ValueError) as exc:
+            QMessageBox.warning(self, "Run history", f"Cannot open {run_dir}: {exc}")
+            return None
+        viewer.setAttribute(Qt.WA_DeleteOnClose)
+        viewer.destroyed.connect(lambda _=None, v=viewer: self.viewers.remove(v) if v in self.viewers else None)
+        self.viewers.append(viewer)
+        viewer.show()
+        return viewer
+
+    # ------------------------------------------------------------------ closing
+    def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802
+        """Stop the run (killing every worker), then the timers and the asyncio thread."""
+        if not self._closed:
+            self._closed = True
+            if self.run.running:
+                self.run_label.setText("stopping the run…")
+                self.run.stop_and_wait(timeout=30.0)
+            self.shutdown()
+        super().closeEvent(event)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the window has been closed (its run stopped, its threads ended)."""
+        return self._closed
+
+    def shutdown(self) -> None:
+        self.planner.close()
+        self.charts.stop()
+        self.futures.close()
+        self.run.close()
+        self.device_bridge.detach()
+        self.scene.detach()
+        self.devices_panel.detach()
+        for v in list(self.viewers):
+            v.close()
+        if self._own_loop:
+            self.loop.stop()

@@ -1,0 +1,172 @@
+"""The plan preview: per-device memory, latency and energy per sample, OOM flags, advice.
+
+:class:`QtPlanner` recomputes the plan off the GUI thread: a change (settings, order,
+profiles) restarts a short debounce timer; when it fires, :func:`app.core.preview.compute_preview`
+runs on a one-thread executor and its result comes back through a queued signal.  Each
+request carries a generation number, so a result that a newer change has overtaken is
+dropped instead of shown.  :class:`QtPlanView` only displays a :class:`PlanPreview`.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from typing import Any, Callable
+
+from PySide6.QtCore import QObject, Qt, QTimer, Signal, Slot
+from PySide6.QtGui import QBrush
+from PySide6.QtWidgets import (QAbstractItemView, QHeaderView, QLabel, QTableWidget, QTableWidgetItem,
+                               QVBoxLayout, QWidget)
+
+from app.core.preview import PlanPreview, compute_preview
+
+from .qt_style import MEM_BAR_COLOURS, MEM_COLOURS, fmt_bytes, fmt_ms, fmt_num
+
+log = logging.getLogger("edgetrain.qt.plan")
+
+
+class QtPlanner(QObject):
+    """Debounced, threaded plan computation.
+
+    Parameters
+    ----------
+    inputs
+        Called on the GUI thread when a computation starts; returns the keyword
+        arguments of :func:`compute_preview` (snapshots: the worker must not see later edits).
+    debounce_ms
+        Quiet time after the last change before planning.
+
+    Signals
+    -------
+    updated(PlanPreview)   a fresh preview (GUI thread)
+    """
+
+    updated = Signal(object)
+    _result = Signal(int, object)
+
+    def __init__(self, inputs: Callable[[], dict[str, Any]],
+                 debounce_ms: int = 120, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._inputs = inputs
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(debounce_ms)
+        self._timer.timeout.connect(self._start)
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = \
+            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgetrain-plan")
+        self._generation = 0
+        self.completed = 0
+        self.latest: PlanPreview | None = None
+        self._result.connect(self._on_result, Qt.QueuedConnection)
+
+    @property
+    def busy(self) -> bool:
+        return self._timer.isActive() or self.completed < self._generation
+
+    def request(self) -> None:
+        """Something changed: plan again once the changes stop for a moment."""
+        if self._executor is not None:
+            self._timer.start()
+
+    def _start(self) -> None:
+        if self._executor is None:
+            return
+        self._generation += 1
+        gen = self._generation
+        fut = self._executor.submit(compute_preview, **self._inputs())
+
+        def done(f: concurrent.futures.Future) -> None:
+            try:
+                res = f.result()
+            except Exception as exc:  # noqa: BLE001 - compute_preview should not raise; be safe
+                res = PlanPreview(error=str(exc), recommendation=f"Planning failed: {exc}")
+            try:
+                self._result.emit(gen, res)
+            except RuntimeError:
+                pass  # the planner object is gone (window closed)
+
+        fut.add_done_callback(done)
+
+    @Slot(int, object)
+    def _on_result(self, gen: int, res: PlanPreview) -> None:
+        self.completed = max(self.completed, gen)
+        if gen != self._generation:
+            return  # overtaken by a newer change
+        self.latest = res
+        self.updated.emit(res)
+
+    def close(self) -> None:
+        """Stop the timer and the worker thread (pending results are dropped)."""
+        self._timer.stop()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+
+PLAN_COLUMNS = ("Device", "Memory (pred / cap)", "Latency", "Energy", "OOM")
+
+
+class QtPlanView(QWidget):
+    """Shows a :class:`PlanPreview`: totals, the recommendation and one row per device."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.headline = QLabel("No plan yet.", self)
+        self.headline.setStyleSheet("font-weight: bold;")
+        self.recommendation = QLabel(self)
+        self.recommendation.setWordWrap(True)
+        self.source = QLabel(self)
+        self.source.setStyleSheet("color: #6c757d;")
+        self.table = QTableWidget(0, len(PLAN_COLUMNS), self)
+        self.table.setHorizontalHeaderLabels(PLAN_COLUMNS)
+        self.table.verticalHeader().setVisible(False)
+        self.table.verticalHeader().setDefaultSectionSize(22)
+        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.table.setSelectionMode(QAbstractItemView.NoSelection)
+        self.table.setShowGrid(False)
+        hdr = self.table.horizontalHeader()
+        hdr.setSectionResizeMode(QHeaderView.ResizeToContents)
+        hdr.setSectionResizeMode(1, QHeaderView.Stretch)
+        self.table.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.table.setToolTip("Predicted peak memory against the device's capacity, and latency and "
+                              "energy per sample")
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(4, 4, 4, 4)
+        lay.addWidget(self.headline)
+        lay.addWidget(self.recommendation)
+        lay.addWidget(self.table, 1)
+        lay.addWidget(self.source)
+        self.preview: PlanPreview | None = None
+
+    def rows(self) -> list[str]:
+        """Device names in the order shown."""
+        return [self.table.item(r, 0).text() for r in range(self.table.rowCount())]
+
+    def show_preview(self, pv: PlanPreview) -> None:
+        self.preview = pv
+        if pv.devices:
+            self.headline.setText(f"Predicted: {fmt_ms(pv.latency_per_sample_s)} and "
+                                  f"{fmt_num(pv.energy_per_sample_j, '.3g', 'J')} per sample"
+                                  + ("  —  OOM predicted" if pv.any_oom else ""))
+        else:
+            self.headline.setText("No plan.")
+        self.headline.setStyleSheet("font-weight: bold;" + (" color: #c62828;" if pv.any_oom else ""))
+        self.recommendation.setText(pv.recommendation + (f"\n{pv.error}" if pv.error else ""))
+        self.source.setText("Source: EdgeTrain planner (profiles or board presets; dashed lines on the charts)"
+                            if pv.source == "planner" else "Source: coarse estimate (the planner is not available)")
+        self.source.setWordWrap(True)
+        self.table.setRowCount(len(pv.devices))
+        for r, d in enumerate(pv.devices):
+            cap = fmt_bytes(d.capacity_bytes) if d.capacity_bytes else "no cap"
+            frac = d.mem_bytes / d.capacity_bytes if d.mem_bytes and d.capacity_bytes else None
+            level = "oom" if d.oom else ("unknown" if frac is None else "warning" if frac >= 0.85 else "ok")
+            cells = (d.device, f"{fmt_bytes(d.mem_bytes)} / {cap}", fmt_ms(d.latency_per_sample_s),
+                     fmt_num(d.energy_per_sample_j, ".3g", "J"), "OOM" if d.oom else "")
+            for c, text in enumerate(cells):
+                item = self.table.item(r, c)
+                if item is None:
+                    item = QTableWidgetItem()
+                    self.table.setItem(r, c, item)
+                item.setText(text)
+                item.setBackground(QBrush(MEM_COLOURS[level]) if c == 1 else QBrush())
+                if c == 4:
+                    item.setForeground(QBrush(MEM_BAR_COLOURS["oom"]))

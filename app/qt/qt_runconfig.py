@@ -1,0 +1,167 @@
+"""The run configuration form: model, parallelism, batch, sequence, micro-batches, ...
+
+The form keeps no settings of its own beyond its widgets: :meth:`settings` reads them into
+a :class:`app.core.jobs.RunSettings`, :meth:`set_settings` writes one back, and
+``settings_changed`` fires on every edit (the planner debounces).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit,
+                               QPushButton, QSpinBox, QWidget)
+
+from app.core.jobs import RunSettings
+
+try:
+    from workers.presets import PRESETS
+except ImportError:  # the GUI still opens without the worker package
+    PRESETS = {}
+
+LOCAL_WEIGHTS = "Local weights…"
+PARALLELISM_LABELS = {"dp": "Data parallel (DP)", "pp": "Pipeline (PP)", "tp": "Tensor parallel (TP)",
+                      "sp": "Sequence parallel (SP)", "hybrid": "Hybrid PP × DP"}
+
+
+def _spin(lo: int, hi: int, value: int, parent: QWidget) -> QSpinBox:
+    s = QSpinBox(parent)
+    s.setRange(lo, hi)
+    s.setValue(value)
+    s.setAccelerated(True)
+    return s
+
+
+class QtRunConfigPanel(QWidget):
+    """Run settings form; emits ``settings_changed()`` on any edit."""
+
+    settings_changed = Signal()
+
+    def __init__(self, settings: RunSettings | None = None, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.model = QComboBox(self)
+        self.model.addItems(list(PRESETS) + [LOCAL_WEIGHTS])
+        self.weights = QLineEdit(self)
+        self.weights.setPlaceholderText("Hugging Face model directory on the devices")
+        browse_w = QPushButton("…", self)
+        browse_w.setFixedWidth(28)
+        browse_w.clicked.connect(lambda: self._browse_dir(self.weights))
+        self.parallelism = QComboBox(self)
+        for key, label in PARALLELISM_LABELS.items():
+            self.parallelism.addItem(label, key)
+        self.steps = _spin(1, 10_000_000, 10, self)
+        self.batch_size = _spin(1, 65536, 128, self)
+        self.seq_len = _spin(2, 8192, 32, self)
+        self.micro_batches = _spin(1, 1024, 4, self)
+        self.sync_every = _spin(1, 10000, 5, self)
+        self.schedule = QComboBox(self)
+        self.schedule.addItems(["gpipe", "1f1b"])
+        self.mode = QComboBox(self)
+        self.mode.addItem("CPU", "cpu")
+        self.mode.addItem("GPU (CUDA)", "cuda")
+        self.lr = QDoubleSpinBox(self)
+        self.lr.setDecimals(6)
+        self.lr.setRange(0.0, 1.0)
+        self.lr.setSingleStep(1e-4)
+        self.lr.setSpecialValueText("auto (by model)")  # 0 stands for None: the worker's default
+        self.dataset = QLineEdit(self)
+        self.dataset.setPlaceholderText("QNLI-format TSV on the devices (empty: generated data)")
+        browse_d = QPushButton("…", self)
+        browse_d.setFixedWidth(28)
+        browse_d.clicked.connect(self._browse_file)
+        form = QFormLayout(self)
+        form.setContentsMargins(4, 4, 4, 4)
+        form.addRow("Model", self.model)
+        form.addRow("Weights", self._row(self.weights, browse_w))
+        form.addRow("Parallelism", self.parallelism)
+        form.addRow("Steps", self.steps)
+        form.addRow("Batch size", self.batch_size)
+        form.addRow("Sequence length", self.seq_len)
+        form.addRow("Micro-batches", self.micro_batches)
+        form.addRow("Sync every k steps", self.sync_every)
+        form.addRow("PP schedule", self.schedule)
+        form.addRow("Mode", self.mode)
+        form.addRow("Learning rate", self.lr)
+        form.addRow("Dataset", self._row(self.dataset, browse_d))
+        self._base = RunSettings()
+        self.set_settings(settings or RunSettings())
+        for sig in (self.model.currentIndexChanged, self.parallelism.currentIndexChanged,
+                    self.schedule.currentIndexChanged, self.mode.currentIndexChanged):
+            sig.connect(self._changed)
+        for spin in (self.steps, self.batch_size, self.seq_len, self.micro_batches, self.sync_every):
+            spin.valueChanged.connect(self._changed)
+        self.lr.valueChanged.connect(self._changed)
+        self.weights.editingFinished.connect(self._changed)
+        self.dataset.editingFinished.connect(self._changed)
+
+    def _row(self, edit: QLineEdit, button: QPushButton) -> QWidget:
+        w = QWidget(self)
+        lay = QHBoxLayout(w)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(edit, 1)
+        lay.addWidget(button)
+        return w
+
+    def _browse_dir(self, edit: QLineEdit) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Model directory")
+        if path:
+            edit.setText(path)
+            self.model.setCurrentText(LOCAL_WEIGHTS)
+            self._changed()
+
+    def _browse_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Dataset", "", "TSV (*.tsv);;All files (*)")
+        if path:
+            self.dataset.setText(path)
+            self._changed()
+
+    def _changed(self, *_: object) -> None:
+        local = self.model.currentText() == LOCAL_WEIGHTS
+        self.weights.setEnabled(local)
+        par = self.parallelism.currentData()
+        self.micro_batches.setEnabled(par in ("pp", "hybrid"))
+        self.schedule.setEnabled(par in ("pp", "hybrid"))
+        self.sync_every.setEnabled(par in ("dp", "hybrid"))
+        self.settings_changed.emit()
+
+    def settings(self) -> RunSettings:
+        """The form as :class:`RunSettings` (local weights: the directory is the model)."""
+        local = self.model.currentText() == LOCAL_WEIGHTS
+        weights = self.weights.text().strip() or None
+        # fields the form does not show (seed, tokenizer, timeout, stages) keep their values
+        return replace(
+            self._base, model=(weights or "tiny-gpt2") if local else self.model.currentText(),
+            parallelism=self.parallelism.currentData(), steps=self.steps.value(),
+            batch_size=self.batch_size.value(), seq_len=self.seq_len.value(),
+            micro_batches=self.micro_batches.value(), sync_every=self.sync_every.value(),
+            lr=self.lr.value() or None, schedule=self.schedule.currentText(),
+            dataset=self.dataset.text().strip() or None, weights=weights if local else None,
+            device=self.mode.currentData())
+
+    def set_settings(self, s: RunSettings) -> None:
+        """Show ``s`` (one ``settings_changed`` at the end, not one per widget)."""
+        self._base = s
+        widgets = [self.model, self.parallelism, self.schedule, self.mode, self.steps, self.batch_size,
+                   self.seq_len, self.micro_batches, self.sync_every, self.lr, self.weights, self.dataset]
+        for w in widgets:
+            w.blockSignals(True)
+        try:
+            if s.model in PRESETS:
+                self.model.setCurrentText(s.model)
+            else:
+                self.model.setCurrentText(LOCAL_WEIGHTS)
+            self.weights.setText(s.weights or ("" if s.model in PRESETS else s.model))
+            self.parallelism.setCurrentIndex(max(0, self.parallelism.findData(s.parallelism)))
+            self.schedule.setCurrentText(s.schedule)
+            self.mode.setCurrentIndex(max(0, self.mode.findData(s.device)))
+            self.steps.setValue(s.steps)
+            self.batch_size.setValue(s.batch_size)
+            self.seq_len.setValue(s.seq_len)
+            self.micro_batches.setValue(s.micro_batches)
+            self.sync_every.setValue(s.sync_every)
+            self.lr.setValue(s.lr or 0.0)
+            self.dataset.setText(s.dataset or "")
+        finally:
+            for w in widgets:
+                w.blockSignals(False)
+        self._changed()

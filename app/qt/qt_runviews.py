@@ -1,0 +1,119 @@
+"""Views of one run besides the charts: the event log and the summary."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from PySide6.QtGui import QBrush
+from PySide6.QtWidgets import (QAbstractItemView, QHeaderView, QLabel, QTableWidget, QTableWidgetItem, QVBoxLayout,
+                               QWidget)
+
+from .qt_style import EVENT_COLOURS, STATUS_COLOURS, fmt_bytes, fmt_ms, fmt_num
+
+MAX_EVENTS = 5000
+
+
+def _table(columns: tuple[str, ...], parent: QWidget) -> QTableWidget:
+    t = QTableWidget(0, len(columns), parent)
+    t.setHorizontalHeaderLabels(columns)
+    t.verticalHeader().setVisible(False)
+    t.verticalHeader().setDefaultSectionSize(21)
+    t.setEditTriggers(QAbstractItemView.NoEditTriggers)
+    t.setSelectionBehavior(QAbstractItemView.SelectRows)
+    t.setShowGrid(False)
+    t.setAlternatingRowColors(True)
+    hdr = t.horizontalHeader()
+    hdr.setSectionResizeMode(QHeaderView.ResizeToContents)
+    hdr.setStretchLastSection(True)
+    return t
+
+
+class QtEventLog(QWidget):
+    """Time, device, kind and message of every run event (OOM and failures in colour)."""
+
+    COLUMNS = ("Time", "Device", "Kind", "Message")
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.table = _table(self.COLUMNS, self)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.table)
+
+    def add_event(self, ev: dict[str, Any]) -> None:
+        """Append one event (``t``, ``device``, ``kind``, ``message``)."""
+        t = self.table
+        if t.rowCount() >= MAX_EVENTS:
+            t.removeRow(0)  # a very chatty run keeps the newest events
+        row = t.rowCount()
+        t.insertRow(row)
+        stamp = time.strftime("%H:%M:%S", time.localtime(ev.get("t") or time.time()))
+        kind = str(ev.get("kind") or "info")
+        colour = EVENT_COLOURS.get(kind, EVENT_COLOURS["info"])
+        for col, text in enumerate((stamp, ev.get("device") or "–", kind, str(ev.get("message") or ""))):
+            item = QTableWidgetItem(text)
+            if col == 3:
+                item.setToolTip(text)
+            if kind != "info":
+                item.setForeground(QBrush(colour))
+            t.setItem(row, col, item)
+        t.scrollToBottom()
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """``(device, kind, message)`` of every row (tests, exports)."""
+        t = self.table
+        return [(t.item(r, 1).text(), t.item(r, 2).text(), t.item(r, 3).text()) for r in range(t.rowCount())]
+
+    def clear(self) -> None:
+        self.table.setRowCount(0)
+
+
+class QtRunSummary(QWidget):
+    """The run's totals and one row per device (from ``RunState.summary()`` or a record)."""
+
+    COLUMNS = ("Device", "Rank", "Role", "Status", "Steps", "Latency/sample", "Samples/s", "Energy",
+               "Method", "Peak memory")
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.headline = QLabel("No run yet.", self)
+        self.headline.setStyleSheet("font-weight: bold;")
+        self.totals = QLabel(self)
+        self.table = _table(self.COLUMNS, self)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(4, 4, 4, 4)
+        lay.addWidget(self.headline)
+        lay.addWidget(self.totals)
+        lay.addWidget(self.table, 1)
+        self.summary: dict[str, Any] | None = None
+
+    def show_summary(self, s: dict[str, Any]) -> None:
+        self.summary = s
+        outcome = s.get("outcome") or "running"
+        self.headline.setText(f"Run {s.get('run_id', '?')}: {outcome} — {s.get('steps', 0)} steps, "
+                              f"{s.get('samples', 0)} samples in {s.get('wall_s') or 0:.1f} s")
+        colour = STATUS_COLOURS.get(outcome)
+        self.headline.setStyleSheet("font-weight: bold;" + (f" color: {colour.name()};" if colour else ""))
+        methods = ", ".join(s.get("energy_methods") or []) or "none"
+        self.totals.setText(f"throughput {fmt_num(s.get('throughput_sps'), '.1f', 'samples/s')}   "
+                            f"latency/sample {fmt_ms(s.get('latency_per_sample_s'))}   "
+                            f"energy/sample {fmt_num(s.get('energy_per_sample_j'), '.4f', 'J')} ({methods})")
+        devs = s.get("devices") or []
+        self.table.setRowCount(len(devs))
+        for r, d in enumerate(devs):
+            cells = (d.get("device"), str(d.get("rank", "")), d.get("role") or "–", d.get("status") or "",
+                     str(d.get("steps", "")), fmt_ms(d.get("latency_per_sample_s")),
+                     fmt_num(d.get("local_throughput_sps"), ".1f"), fmt_num(d.get("energy_j"), ".2f", "J"),
+                     d.get("energy_method") or "–", fmt_bytes(d.get("peak_mem_bytes")))
+            for c, text in enumerate(cells):
+                item = QTableWidgetItem(str(text))
+                if c == 3 and d.get("status") in STATUS_COLOURS:
+                    item.setForeground(QBrush(STATUS_COLOURS[d["status"]]))
+                self.table.setItem(r, c, item)
+
+    def clear(self) -> None:
+        self.summary = None
+        self.headline.setText("No run yet.")
+        self.headline.setStyleSheet("font-weight: bold;")
+        self.totals.setText("")
+        self.table.setRowCount(0)

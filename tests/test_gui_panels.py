@@ -1,0 +1,289 @@
+"""The control panel's panels, offscreen: ticks, drag to reorder, undo, plan preview, trust dialog.
+
+No run is launched here (see ``test_gui_e2e.py``); devices are inventory entries, and only
+the trust test talks to a real SSH endpoint (an in-process testbed device).
+"""
+from __future__ import annotations
+
+import gc
+import random
+import threading
+from pathlib import Path
+
+import asyncssh
+import pytest
+import yaml
+
+pytest.importorskip("PySide6")
+pytest.importorskip("pyqtgraph")
+
+from PySide6.QtCore import QEvent, QPointF, Qt  # noqa: E402
+from PySide6.QtGui import QMouseEvent  # noqa: E402
+from PySide6.QtTest import QTest  # noqa: E402
+from PySide6.QtWidgets import QApplication, QDialog, QMainWindow, QStyle, QStyleOptionViewItem  # noqa: E402
+
+from app.core.loop import AsyncLoop  # noqa: E402
+from app.core.ssh import fingerprint  # noqa: E402
+from app.qt.qt_canvas import NODE_H, NODE_W  # noqa: E402
+from app.qt.qt_main import QtMainWindow  # noqa: E402
+
+pytestmark = pytest.mark.gui
+PRESETS = ["jetson-nano", "laptop", "jetson-tx2", "jetson-nx"]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(qapp):
+    """Every test leaves no window, no running timer's owner, no asyncio/planner thread."""
+    yield
+    QApplication.processEvents()
+    QApplication.sendPostedEvents(None, QEvent.DeferredDelete)   # what deleteLater() queued
+    gc.collect()
+    left = [w for w in QApplication.topLevelWidgets() if isinstance(w, (QMainWindow, QDialog))]
+    for w in left:
+        w.close()
+        w.deleteLater()
+    QApplication.sendPostedEvents(None, QEvent.DeferredDelete)
+    assert left == [], f"top-level windows left behind: {left}"
+    threads = [t.name for t in threading.enumerate() if t.name.startswith("edgetrain-")]
+    assert threads == [], f"threads left running: {threads}"
+
+
+def write_inventory(path: Path, n: int, known_hosts: str | None = None) -> Path:
+    devices = [{"name": f"dev{i}", "host": f"127.0.{1 + i // 200}.{1 + i % 200}", "port": 22 + i,
+                "labels": {"preset": PRESETS[i % len(PRESETS)]}} for i in range(n)]
+    data = {"version": 1, "devices": devices}
+    if known_hosts:
+        data["known_hosts"] = known_hosts
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def open_window(qtbot, tmp_path: Path, inventory: Path, **kw) -> QtMainWindow:
+    w = QtMainWindow(inventory=inventory, runs_dir=tmp_path / "runs", check_devices=False, **kw)
+    qtbot.addWidget(w)
+    w.show()
+    qtbot.waitExposed(w)
+    return w
+
+
+def close_window(w: QtMainWindow) -> None:
+    w.close()
+    QApplication.processEvents()
+
+
+def click_check(qtbot, view, row: int) -> None:
+    """Click the check box of ``row``, column 0, where the style draws it."""
+    index = view.model().index(row, 0)
+    opt = QStyleOptionViewItem()
+    opt.initFrom(view)
+    opt.rect = view.visualRect(index)
+    opt.features |= QStyleOptionViewItem.HasCheckIndicator | QStyleOptionViewItem.HasDisplay
+    opt.features |= QStyleOptionViewItem.HasDecoration
+    rect = view.style().subElementRect(QStyle.SE_ItemViewItemCheckIndicator, opt, view)
+    QTest.mouseClick(view.viewport(), Qt.LeftButton, Qt.NoModifier, rect.center())
+
+
+def drag(view, start: QPointF, end: QPointF, steps: int = 6) -> None:
+    """Press at ``start``, move in steps, release at ``end`` (scene coordinates)."""
+    vp = view.viewport()
+    a, b = QPointF(view.mapFromScene(start)), QPointF(view.mapFromScene(end))
+
+    def send(kind: QEvent.Type, pos: QPointF, button: Qt.MouseButton, buttons: Qt.MouseButton) -> None:
+        ev = QMouseEvent(kind, pos, QPointF(vp.mapToGlobal(pos.toPoint())), button, buttons, Qt.NoModifier)
+        QApplication.sendEvent(vp, ev)
+
+    send(QEvent.MouseButtonPress, a, Qt.LeftButton, Qt.LeftButton)
+    for k in range(1, steps + 1):
+        send(QEvent.MouseMove, a + (b - a) * (k / steps), Qt.NoButton, Qt.LeftButton)
+    send(QEvent.MouseButtonRelease, b, Qt.LeftButton, Qt.NoButton)
+
+
+def node_center(w: QtMainWindow, name: str) -> QPointF:
+    return w.scene.item(name).pos() + QPointF(NODE_W / 2, NODE_H / 2)
+
+
+def slot_center(w: QtMainWindow, index: int) -> QPointF:
+    return w.scene.slot_pos(index) + QPointF(NODE_W / 2, NODE_H / 2)
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_ticking_devices_changes_participants(qtbot, tmp_path):
+    w = open_window(qtbot, tmp_path, write_inventory(tmp_path / "inv.yaml", 4))
+    view = w.devices_panel.view
+    assert w.devices_panel.model.rowCount() == 4
+    for row in (2, 0, 3):
+        click_check(qtbot, view, row)
+    assert w.topology.participants == ["dev2", "dev0", "dev3"]
+    assert w.devices_panel.model.data(view.model().index(2, 0), Qt.CheckStateRole) == Qt.Checked
+    assert len(w.scene.items_by_id()) == 3
+    click_check(qtbot, view, 0)                         # untick
+    assert w.topology.participants == ["dev2", "dev3"]
+    assert w.scene.item("dev0") is None
+    w.undo.undo()                                       # ticks are undoable too: dev0 comes back in place
+    assert w.topology.participants == ["dev2", "dev0", "dev3"]
+    close_window(w)
+
+
+def test_drag_reorders_and_ctrl_z_restores(qtbot, tmp_path):
+    w = open_window(qtbot, tmp_path, write_inventory(tmp_path / "inv.yaml", 4))
+    w.activateWindow()
+    qtbot.waitUntil(lambda: QApplication.activeWindow() is w, timeout=3000)
+    for n in ("dev0", "dev1", "dev2", "dev3"):
+        w.toggle_participant(n, True)
+    w.undo.clear()
+    before = w.topology.participants
+    drag(w.canvas, node_center(w, "dev0"), slot_center(w, 2))
+    assert w.topology.participants == ["dev1", "dev2", "dev0", "dev3"]
+    assert w.undo.count() == 1                           # one command per drag, pushed on release
+    assert w.scene.item("dev0").pos() == w.scene.slot_pos(2)   # the scene mirrors the model
+    QTest.keyClick(w, Qt.Key_Z, Qt.ControlModifier)
+    assert w.topology.participants == before
+    QTest.keyClick(w, Qt.Key_Z, Qt.ControlModifier | Qt.ShiftModifier)
+    assert w.topology.participants == ["dev1", "dev2", "dev0", "dev3"]
+    # a drop on its own slot changes nothing and pushes nothing
+    drag(w.canvas, node_center(w, "dev3"), slot_center(w, 3) + QPointF(10, 5))
+    assert w.undo.count() == 1 and w.scene.item("dev3").pos() == w.scene.slot_pos(3)
+    close_window(w)
+
+
+def test_plan_preview_follows_reorder(qtbot, tmp_path):
+    w = open_window(qtbot, tmp_path, write_inventory(tmp_path / "inv.yaml", 4))
+    s = w.run_config.settings()
+    s.model, s.parallelism = "gpt2-s", "pp"
+    w.run_config.set_settings(s)
+    for n in ("dev0", "dev1", "dev2", "dev3"):
+        w.toggle_participant(n, True)
+    qtbot.waitUntil(lambda: w.plan_view.rows() == ["dev0", "dev1", "dev2", "dev3"] and not w.planner.busy,
+                    timeout=10000)
+    first = w.plan_view.preview
+    assert w.topology.node("dev0").mem_pred_bytes and w.topology.node("dev0").mem_capacity_bytes == 4 * 2**30
+    drag(w.canvas, node_center(w, "dev1"), slot_center(w, 0))   # the laptop becomes stage 1
+    assert w.topology.participants[0] == "dev1"
+    qtbot.waitUntil(lambda: w.plan_view.rows()[0] == "dev1" and not w.planner.busy, timeout=10000)
+    second = w.plan_view.preview
+    assert second is not first
+    assert second.stages and second.devices[0].device == "dev1"
+    assert w.topology.node("dev1").stage == 0 and w.topology.node("dev1").layers[0] == 0
+    # the references on the charts follow the plan
+    assert ("latency", "dev1") in w.charts.references()
+    close_window(w)
+
+
+def test_auto_arrange_is_one_undoable_command(qtbot, tmp_path):
+    w = open_window(qtbot, tmp_path, write_inventory(tmp_path / "inv.yaml", 4))
+    s = w.run_config.settings()
+    s.model, s.parallelism = "gpt2-s", "pp"
+    w.run_config.set_settings(s)
+    for n in ("dev0", "dev2", "dev3", "dev1"):
+        w.toggle_participant(n, True)
+    qtbot.waitUntil(lambda: w.planner.latest is not None and not w.planner.busy, timeout=10000)
+    w.undo.clear()
+    before = w.topology.participants
+    w.auto_arrange()
+    suggested = w.planner.latest.suggested_order
+    assert sorted(suggested) == sorted(before)
+    assert w.topology.participants == suggested
+    if suggested != before:
+        assert w.undo.count() == 1
+        w.undo.undo()
+        assert w.topology.participants == before
+    close_window(w)
+
+
+def test_64_devices_build_and_reorder(qtbot, tmp_path):
+    w = open_window(qtbot, tmp_path, write_inventory(tmp_path / "inv.yaml", 64))
+    assert w.devices_panel.model.rowCount() == 64
+    w.topology.set_participants([f"dev{i}" for i in range(64)])
+    qtbot.waitUntil(lambda: len(w.plan_view.rows()) == 64 and not w.planner.busy, timeout=20000)
+    assert len(w.scene.items_by_id()) == 64
+    drag(w.canvas, node_center(w, "dev5"), slot_center(w, 0))
+    assert w.topology.participants[0] == "dev5" and w.topology.participants[1] == "dev0"
+    w.undo.undo()
+    assert w.topology.participants[5] == "dev5"
+    close_window(w)
+
+
+def test_results_for_gone_devices_are_dropped(qtbot, tmp_path):
+    w = open_window(qtbot, tmp_path, write_inventory(tmp_path / "inv.yaml", 2))
+    w.toggle_participant("dev0", True)
+    w.toggle_participant("dev0", False)
+    # run results and plan results naming a device that has no item any more
+    w._on_device_status("dev0", "running")
+    w._on_device_status("ghost", "oom")
+    w._on_event({"t": 0.0, "device": "ghost", "kind": "oom", "message": "ghost: out of memory"})
+    w._on_record({"type": "step", "device": "ghost", "t": 1.0, "samples": 4, "latency_s": 0.1,
+                  "latency_per_sample_s": 0.025})
+    w.topology.set_prediction("dev0", 1, 2, True)
+    w.devices_panel.model.on_changed("ghost")
+    w.devices.remove("dev1")
+    qtbot.waitUntil(lambda: w.devices_panel.model.rowCount() == 1, timeout=3000)
+    w.charts.repaint_now()
+    assert w.scene.item("dev0") is None and w.event_log.rows()[-1][0] == "ghost"
+    close_window(w)
+
+
+def test_session_save_and_restore(qtbot, tmp_path):
+    inv = write_inventory(tmp_path / "inv.yaml", 3)
+    w = open_window(qtbot, tmp_path, inv)
+    for n in ("dev2", "dev0"):
+        w.toggle_participant(n, True)
+    s = w.run_config.settings()
+    s.parallelism, s.batch_size, s.micro_batches = "pp", 48, 6
+    w.run_config.set_settings(s)
+    path = w.save_session(tmp_path / "ses.yaml")
+    close_window(w)
+    w2 = open_window(qtbot, tmp_path, inv, session=path)
+    assert w2.topology.participants == ["dev2", "dev0"]
+    got = w2.run_config.settings()
+    assert (got.parallelism, got.batch_size, got.micro_batches) == ("pp", 48, 6)
+    close_window(w2)
+
+
+def test_trust_dialog_shows_fingerprint(qtbot, tmp_path):
+    from app.core.testbed import Testbed
+
+    tb_loop = AsyncLoop("testbed-loop").start()
+    base = f"127.{random.randint(40, 250)}.{random.randint(0, 250)}.1"
+    tb = Testbed(tmp_path / "tb", n_devices=1, port=0, base_addr=base)
+    tb_loop.submit(tb.start()).result(30)
+    try:
+        # an inventory whose trusted domain is empty: the device's key is unknown
+        inv = yaml.safe_load(tb.inventory_path.read_text())
+        inv["known_hosts"] = str(tmp_path / "empty_known_hosts")
+        inv["devices"][0]["key"] = str(tb.client_key_path)
+        (tmp_path / "inv.yaml").write_text(yaml.safe_dump(inv))
+        w = open_window(qtbot, tmp_path, tmp_path / "inv.yaml")
+        w.device_actions.check()
+        qtbot.waitUntil(lambda: w.devices.get("dev0").status == "untrusted", timeout=15000)
+        w.devices_panel.select("dev0")
+        w.devices_panel.buttons["trust"].click()
+        qtbot.waitUntil(lambda: w.device_actions.trust_dialog is not None
+                        and w.device_actions.trust_dialog.isVisible(), timeout=15000)
+        dlg = w.device_actions.trust_dialog
+        expected = fingerprint(asyncssh.read_private_key(str(tb.devices[0].host_key)))
+        assert expected.startswith("SHA256:")
+        assert dlg.fingerprint_label.text() == expected
+        dlg.trust_button.click()
+        assert expected.split(":", 1)[1] and w.known_hosts.lookup(tb.devices[0].host, tb.devices[0].port)
+        qtbot.waitUntil(lambda: w.devices.get("dev0").status == "online", timeout=15000)
+        close_window(w)
+    finally:
+        tb_loop.submit(tb.stop()).result(30)
+        tb_loop.stop()
+
+
+def test_gui_subcommand(monkeypatch, capsys):
+    from app.cli import build_parser
+    from app.cmd_gui import cmd_gui
+
+    args = build_parser().parse_args(["gui", "--inventory", "x.yaml"])
+    assert args.func is cmd_gui and args.inventory == "x.yaml"
+    for var in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(var, raising=False)
+    assert cmd_gui(args) == 2                       # no display: a message, not a crash
+    assert "no display" in capsys.readouterr().err
