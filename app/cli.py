@@ -177,6 +177,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         run_args = argparse.Namespace(**vars(args))
         run_args.inventory = str(info.inventory_path)
         run_args.devices = None
+        if not run_args.dataset:
+            # the demo trains on a generated QNLI-format data set, copied to the devices
+            from workers.data import generate_qnli
+            run_args.dataset = str(generate_qnli(tb_dir / "qnli-demo.tsv", n_rows=2048, seed=0))
+            print(f"demo data: {run_args.dataset} (generated, QNLI format)", file=sys.stderr)
         return cmd_run(run_args)
     finally:
         testbed.stop_testbed(tb_dir)
@@ -194,9 +199,10 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 10, model: str = "ti
     p.add_argument("--schedule", default="gpipe", choices=["gpipe", "1f1b"])
     p.add_argument("--lr", type=float, default=None, help="default: 1e-3 for tiny presets, 5e-5 otherwise")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dataset", help="QNLI-format TSV on the devices (default: generated data)")
-    p.add_argument("--weights", help="local Hugging Face model directory on the devices")
-    p.add_argument("--tokenizer", help="local tokenizer directory on the devices")
+    p.add_argument("--dataset", help="QNLI-format TSV: a local file is copied to the devices, "
+                                     "another path is read on the devices (default: generated data)")
+    p.add_argument("--weights", help="Hugging Face model directory (local: copied to the devices)")
+    p.add_argument("--tokenizer", help="tokenizer directory (local: copied to the devices)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a collective waits for a silent peer")
     p.add_argument("--runs-dir", help="where run records go (default: $EDGETRAIN_HOME/runs)")

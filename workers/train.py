@@ -83,6 +83,9 @@ def run(cfg, rank: int, emitter) -> int:
             _cap_cuda_memory(torch, device)
         emitter.emit("event", name="joined", message=f"joined process group as rank {rank}/{cfg.world_size}")
         phase = "load"
+        for field in ("dataset", "weights", "tokenizer"):  # pushed assets live under ~
+            if getattr(cfg, field):
+                setattr(cfg, field, os.path.expanduser(getattr(cfg, field)))
         model = build_model(cfg.model, weights=cfg.weights, seed=cfg.seed,
                             parts=engine.model_parts(cfg, rank))
         data, _vocab = load_dataset(cfg.dataset, model.family, model.preset.vocab_size, cfg.seq_len,

@@ -94,6 +94,44 @@ async def push_workers(conn: asyncssh.SSHClientConnection, device: Device) -> st
     return remote
 
 
+ASSET_FIELDS = ("dataset", "weights", "tokenizer")
+
+
+def _asset_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def remote_home_path(device: Device, rel: str) -> str:
+    """A device path under the device's workdir, spelled so the worker can expand it."""
+    base = device.workdir.rstrip("/")
+    return f"{base}/{rel}" if base.startswith("/") else f"~/{base}/{rel}"
+
+
+async def push_asset(conn: asyncssh.SSHClientConnection, device: Device, local: Path) -> str:
+    """Copy a local file or directory (dataset, weights, tokenizer) to the device once.
+
+    Stored under ``<workdir>/assets/<content hash>/<name>`` with a completion marker,
+    so re-runs reuse it and an interrupted copy is redone.  Returns the device path.
+    """
+    digest = _asset_digest(local)
+    rel_dir = f"assets/{digest}"
+    remote_dir = f"{device.workdir.rstrip('/')}/{rel_dir}"
+    async with conn.start_sftp_client() as sftp:
+        if not await sftp.exists(f"{remote_dir}/.complete"):
+            await sftp.makedirs(remote_dir, exist_ok=True)
+            await sftp.put(str(local), f"{remote_dir}/{local.name}", recurse=local.is_dir())
+            async with sftp.open(f"{remote_dir}/.complete", "w") as f:
+                await f.write(digest + "\n")
+    return remote_home_path(device, f"{rel_dir}/{local.name}")
+
+
 async def pick_port(conn: asyncssh.SSHClientConnection, device: Device) -> int:
     """A free TCP port on the rendezvous device, chosen by the device itself."""
     code = (f"import socket;s=socket.socket();s.bind(({device.host!r},0));"
@@ -194,6 +232,18 @@ class Launcher:
         for w, d in zip(self.workers, dirs):
             w.remote_dir = d
         job = self.job
+        # Replication: local datasets/weights/tokenizers go to every device; a path that
+        # does not exist here is taken to be a path on the devices.
+        for name in ASSET_FIELDS:
+            value = getattr(job, name)
+            if value and Path(value).expanduser().exists():
+                local = Path(value).expanduser().resolve()
+                remote = await asyncio.gather(*(push_asset(w.conn, w.device, local) for w in self.workers))
+                if len(set(remote)) != 1:
+                    raise LaunchError(f"devices disagree on where {local.name} lives (different workdirs); "
+                                      "give every device the same 'workdir' in the inventory")
+                setattr(job, name, remote[0])
+                self.state.add_event(None, "info", f"copied {name} {local.name} to {len(self.workers)} devices")
         job.world_size = len(self.workers)
         job.addrs = [w.device.host for w in self.workers]
         job.devices = [w.device.name for w in self.workers]
