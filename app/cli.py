@@ -92,6 +92,12 @@ def print_summary(state: RunState, out=sys.stdout) -> None:
               f"{_fmt(lat and lat * 1e3, '.3f', ' ms'):>11} {_fmt(d['local_throughput_sps'], '.1f'):>9} "
               f"{d['energy_j']:>9.2f} {(d['energy_method'] or '-'):<16} {_fmt_bytes(d['peak_mem_bytes']):>10}",
               file=out)
+    pred = (state.plan or {}).get("totals") or {}
+    if pred.get("median_latency_per_sample_s") and s["latency_per_sample_s"]:
+        p_lat, m_lat = pred["median_latency_per_sample_s"], s["latency_per_sample_s"]
+        flags = [p["name"] for p in state.plan.get("predictions", []) if p.get("oom")]
+        print(f"plan predicted {p_lat * 1e3:.3f} ms/sample (measured {m_lat * 1e3:.3f}, "
+              f"{(m_lat - p_lat) / p_lat:+.0%}); predicted OOM: {', '.join(flags) or 'none'}", file=out)
     for ev in state.events:
         if ev.kind in ("oom", "error", "failure"):
             print(f"  {ev.kind.upper()}: {ev.message}", file=out)

@@ -94,7 +94,9 @@ def run(cfg, rank: int, emitter) -> int:
         tracker.sample()
         meter = select_meter(cfg.device, cuda_index=device.index or 0,
                              p_idle_w=cfg.power.get("p_idle_w") or _env_float("EDGETRAIN_EMU_P_IDLE_W"),
-                             p_max_w=cfg.power.get("p_max_w") or _env_float("EDGETRAIN_EMU_P_MAX_W"))
+                             p_max_w=cfg.power.get("p_max_w") or _env_float("EDGETRAIN_EMU_P_MAX_W"),
+                             # the CPU share is over the threads this device may use, not the host's cores
+                             threads=torch.get_num_threads())
         meter.start()
         emitter.emit("event", name="ready", message=f"model {cfg.model} loaded as {trainer.role}",
                      role=trainer.role, rss_bytes=rss_bytes(), mem_limit_bytes=limit,

@@ -5,6 +5,7 @@ settings + inventory -> :class:`JobConfig` (+ plan) -> :class:`Launcher` -> :cla
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from .inventory import Device, Inventory
 from .launch import Launcher, new_run_id
 from .runstate import RunState
 from .ssh import KnownHosts
+
+log = logging.getLogger("edgetrain.jobs")
 
 
 def edgetrain_home() -> Path:
@@ -99,11 +102,26 @@ def default_stages_for(settings: RunSettings, n_devices: int) -> list[dict]:
         return even_stages(n_blocks, n_devices // replicas, replicas)
 
 
+def _plan_or_none(inv: Inventory, names: list[str], settings: RunSettings) -> dict | None:
+    """The planner's predictions for the run record; a run never fails for want of them."""
+    try:
+        from .plan_inputs import plan_for_run
+        return plan_for_run(inv, names, settings).to_dict()
+    except Exception as exc:  # noqa: BLE001
+        log.warning("no plan for this run: %s", exc)
+        return None
+
+
 def prepare_run(inv: Inventory, names: list[str] | None, settings: RunSettings,
                 runs_dir: Path | None = None, plan: dict | None = None) -> tuple[Launcher, RunState]:
     """Build the launcher and run state for a run (nothing is contacted yet)."""
     devices = inv.select(names)
-    stages = settings.stages or default_stages_for(settings, len(devices))
+    if plan is None:
+        plan = _plan_or_none(inv, [d.name for d in devices], settings)
+    planned = (plan or {}).get("stages") if settings.parallelism in ("pp", "hybrid") else None
+    # the run follows the plan the user saw (the planner's balanced split), unless the
+    # user gave stages explicitly
+    stages = settings.stages or planned or default_stages_for(settings, len(devices))
     job = make_job(settings, devices, stages)
     run_dir = (runs_dir or default_runs_dir()) / job.run_id
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -179,6 +179,7 @@ class RunState:
                 "param_digest": d.param_digest,
             })
         lat = [p["latency_per_sample_s"] for p in per_dev if p["latency_per_sample_s"] is not None]
+        self._attach_predictions(per_dev)
         return {
             "run_id": self.run_id, "outcome": self.outcome, "steps": steps, "samples": samples,
             "wall_s": (self.ended or time.time()) - self.started,
@@ -188,6 +189,20 @@ class RunState:
             "energy_methods": methods, "rejected_telemetry_lines": self.rejected_lines,
             "devices": per_dev,
         }
+
+    def _attach_predictions(self, per_dev: list[dict[str, Any]]) -> None:
+        """Put the plan's prediction next to each measured value (with the error)."""
+        preds = {p.get("name"): p for p in (self.plan or {}).get("predictions", [])}
+        for d in per_dev:
+            p = preds.get(d["device"])
+            if not p:
+                continue
+            pairs = {"latency_per_sample_s": (p.get("latency_per_sample_s"), d["latency_per_sample_s"]),
+                     "peak_mem_bytes": (p.get("peak_rss_bytes"), d["peak_mem_bytes"] or None)}
+            d["predicted"] = {k: {"predicted": a, "measured": b,
+                                  "error": (b - a) / a if a and b is not None else None}
+                              for k, (a, b) in pairs.items()}
+            d["predicted"]["oom"] = {"predicted": p.get("oom"), "measured": d["status"] == "oom"}
 
     def save(self) -> Path:
         """Write ``record.json`` atomically next to the telemetry log."""
