@@ -37,7 +37,9 @@ HYBRID_BUCKET = 4 * 1024 * 1024   # workers.parallel.hybrid.BUCKET_ELEMS
 #: Parallelisms whose workers build the whole model before keeping their shard or stage,
 #: so loading peaks at the full size: ``workers.train`` builds ``engine.model_parts(cfg,
 #: rank)``, which only ``workers.parallel.pp`` defines (stages build just their parts).
-FULL_MODEL_AT_LOAD = frozenset({"tp"})  # pp and hybrid ranks build only their stage
+# Parallelisms whose ranks build the whole model before keeping their part: none now
+# (pp/hybrid build their stage only; tp builds and shards one block at a time).
+FULL_MODEL_AT_LOAD: frozenset[str] = frozenset()
 _FIT_CACHE: dict[tuple, int] = {}
 
 
@@ -260,7 +262,9 @@ def eval_tp(shape: ModelShape, st: PlanSettings, specs: list[DeviceSpec], links:
     comm_b = n_reduce * cm.allreduce_bytes_per_rank(msg, w)
     link_bytes: dict[str, float] = {}
     _ring_bytes(link_bytes, names, comm_b)
-    full = shape.total_params() + params if "tp" in FULL_MODEL_AT_LOAD else 0
+    # blocks are built one at a time and sharded at once: the load peak is the shards
+    # plus one whole block
+    full = shape.total_params() + params if "tp" in FULL_MODEL_AT_LOAD else params + shape.block_params()
     loads = [RankLoad(params=params, load_params=full, largest_tensor=_largest(shape, True),
                       n_tensors=_tensors(shape, shape.n_layer, True, True), saved_act_bytes=act,
                       act_bytes_per_step=act, family=shape.family, flops_per_step=flops,

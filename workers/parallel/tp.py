@@ -33,6 +33,8 @@ present, so HF's causal sdpa path is exact).  The optimizer steps every iteratio
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -41,6 +43,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from ..config import JobConfig
 from ..engine import StepResult, Trainer, loss_fn, make_optimizer
+from ..materialise import TensorReader, materialise
 
 # Per family: module paths inside one HF layer -> "col" / "row".
 _PLANS: dict[str, dict[str, str]] = {
@@ -93,18 +96,29 @@ class TensorParallel(Trainer):
         preset = model.preset
         check_divisible(preset.name, preset.heads, preset.ffn, self.world)
         self.role = f"shard {rank + 1}/{self.world}"
-        self.model = model.to(device)
+        self.model = model
         self.device = device
         # full param name -> inverse row permutation (or None) for gpt2's converted Conv1Ds
         self._from_conv: dict[str, torch.Tensor | None] = {}
-        if model.family == "gpt2":
-            self._convert_gpt2()
-        self._localise_head_counts()
         mesh = init_device_mesh(device.type, (self.world,))
         styles = {"col": ColwiseParallel, "row": RowwiseParallel}
         plan = {path: styles[kind]() for path, kind in _PLANS[model.family].items()}
-        for block in model.blocks:
+        reader = TensorReader(Path(cfg.weights)) if cfg.weights and set(range(model.n_blocks)) - model.parts \
+            else None
+        # Blocks are built one at a time and sharded at once (model_parts leaves them on
+        # meta), so a rank's peak is its shards plus one full block, not the full model:
+        # what lets a model too big for one device load under TP.
+        for i, block in enumerate(model.blocks):
+            if i not in model.parts:
+                built = model.parts
+                materialise(model, frozenset({i}), cfg.seed, reader)
+                model.parts = frozenset(built | {i})
+            block.to(device)
+            if model.family == "gpt2":
+                self._convert_gpt2_layer(i)
+            self._localise_head_count(block)
             parallelize_module(block.inner, mesh, plan)
+        self.model.to(device)
         # Sharded (DTensor) and replicated (plain) parameters in separate groups: the
         # foreach optimizer kernels (the default on CUDA) refuse a mix of the two.
         params = list(self.model.parameters())
@@ -112,33 +126,30 @@ class TensorParallel(Trainer):
                   {"params": [p for p in params if not isinstance(p, DTensor)]}]
         self.opt = make_optimizer([g for g in groups if g["params"]], cfg)
 
-    def _convert_gpt2(self) -> None:
-        hf = self.model.hf
-        width = self.model.hidden
-        perm = qkv_permutation(width, self.world)
+    def _convert_gpt2_layer(self, i: int) -> None:
+        layer = self.model.hf.transformer.h[i]
+        perm = qkv_permutation(self.model.hidden, self.world)
         inverse = torch.argsort(perm)
-        for i, layer in enumerate(hf.transformer.h):
-            prefix = f"hf.transformer.h.{i}."
-            for path in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
-                parent_path, attr = path.split(".")
-                parent = getattr(layer, parent_path)
-                is_qkv = path == "attn.c_attn"
-                setattr(parent, attr, _conv_to_linear(getattr(parent, attr), perm if is_qkv else None))
-                for kind in ("weight", "bias"):
-                    self._from_conv[f"{prefix}{path}.{kind}"] = inverse if is_qkv else None
+        prefix = f"hf.transformer.h.{i}."
+        for path in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            parent_path, attr = path.split(".")
+            parent = getattr(layer, parent_path)
+            is_qkv = path == "attn.c_attn"
+            setattr(parent, attr, _conv_to_linear(getattr(parent, attr), perm if is_qkv else None))
+            for kind in ("weight", "bias"):
+                self._from_conv[f"{prefix}{path}.{kind}"] = inverse if is_qkv else None
 
-    def _localise_head_counts(self) -> None:
-        """Set the head-count attributes the HF forwards read to this rank's share."""
+    def _localise_head_count(self, block) -> None:
+        """Set the head-count attributes the HF forward reads to this rank's share."""
         heads = self.model.preset.heads // self.world
-        for block in self.model.blocks:
-            inner = block.inner
-            if self.model.family == "gpt2":
-                inner.attn.num_heads = heads
-                inner.attn.split_size = heads * inner.attn.head_dim  # width of q (and k, v) here
-            elif self.model.family == "opt":
-                inner.self_attn.num_heads = heads
-            else:
-                inner.attention.n_heads = heads
+        inner = block.inner
+        if self.model.family == "gpt2":
+            inner.attn.num_heads = heads
+            inner.attn.split_size = heads * inner.attn.head_dim  # width of q (and k, v) here
+        elif self.model.family == "opt":
+            inner.self_attn.num_heads = heads
+        else:
+            inner.attention.n_heads = heads
 
     def train_step(self, it: int, ids: torch.Tensor, labels: torch.Tensor) -> StepResult:
         x, y = ids.to(self.device), labels.to(self.device)
@@ -171,6 +182,11 @@ class TensorParallel(Trainer):
                     t = t.t().contiguous()          # back to Conv1D's [in, out]
             out[name] = t.cpu()
         return out
+
+
+def model_parts(cfg: JobConfig, rank: int) -> list:
+    """Only embeddings and head up front; blocks are built and sharded one by one."""
+    return ["embed", "head"]
 
 
 def build(cfg: JobConfig, rank: int, model, device: torch.device) -> Trainer:
