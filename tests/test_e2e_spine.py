@@ -139,3 +139,35 @@ def test_unknown_host_key_is_refused_with_fingerprint(tmp_path):
     err = asyncio.run(main())
     assert err.device == "dev0"
     assert "unknown host key SHA256:" in str(err) and "edgetrain devices trust dev0" in str(err)
+
+
+def test_stop_before_workers_start_leaves_nothing_running(tmp_path):
+    async def main():
+        async with Testbed(tmp_path / "tb", n_devices=2, port=0, base_addr=base_addr()) as tb:
+            inv = load_inventory(tb.inventory_path)
+            launcher, state = prepare_run(inv, None, RunSettings(steps=100000, batch_size=32), tmp_path / "runs")
+            launcher.request_stop()          # e.g. Ctrl-C while connecting
+            outcome = await launcher.run()
+            return outcome, state
+    outcome, state = asyncio.run(main())
+    assert outcome == "stopped"
+    assert all(d.pid is None for d in state.devices.values())
+    leftovers = [p for p in psutil.process_iter(["cmdline"])
+                 if state.run_id in " ".join(p.info["cmdline"] or [])]
+    assert not leftovers
+
+
+def test_known_hosts_writers_do_not_undo_each_other(tmp_path):
+    import asyncssh
+
+    from app.core.ssh import KnownHosts
+    k1, k2 = (asyncssh.generate_private_key("ssh-ed25519") for _ in range(2))
+    path = tmp_path / "known_hosts"
+    gui, cli = KnownHosts(path), KnownHosts(path)   # e.g. the GUI's and a CLI's view
+    gui.trust("10.0.0.1", 22, k1)
+    cli.trust("10.0.0.2", 22, k2)                  # must keep 10.0.0.1
+    cli.trust("10.0.0.1", 22, k2, replace=True)    # the device was reinstalled
+    gui.trust("10.0.0.3", 22, k1)                  # a stale view must not bring k1 back
+    fresh = KnownHosts(path)
+    assert fresh.lookup("10.0.0.1", 22) == [k2.convert_to_public()]
+    assert fresh.lookup("10.0.0.2", 22) and fresh.lookup("10.0.0.3", 22)

@@ -84,6 +84,12 @@ def test_unknown_device_name_lists_known(tmp_path):
         inv.select(["c"])
 
 
+def test_selecting_a_device_twice_is_refused():
+    inv = Inventory([Device("a", "h1"), Device("b", "h2")])
+    with pytest.raises(ValueError, match="'a' is selected twice"):
+        inv.select(["a", "b", "a"])
+
+
 def test_save_is_atomic_and_keeps_previous_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "inv.yaml"
     Inventory([Device("a", "h1")]).save(path)

@@ -39,6 +39,9 @@ GOOD = {"v": 1, "type": "step", "run": "r", "rank": 0, "device": "d0", "t": 1.0,
     (json.dumps({k: v for k, v in GOOD.items() if k != "samples"}), "lacks field 'samples'"),
     (json.dumps({**GOOD, "step": "three"}), "field 'step' has str"),
     (json.dumps({**GOOD, "rank": True}), "field 'rank' has bool"),
+    (json.dumps({**GOOD, "local_samples": "8"}), "field 'local_samples' has str"),
+    (json.dumps({**GOOD, "energy_j": "n/a"}), "field 'energy_j' has str"),
+    ("{\"a\":" + "[" * 100000 + "]" * 100000 + "}", "nested too deeply"),
 ])
 def test_parser_rejects_with_reason_and_keeps_going(line, reason):
     p = TelemetryParser()

@@ -193,6 +193,29 @@ def memory_limit_bytes(root: str = "/") -> tuple[int | None, str]:
     return min(found)
 
 
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``), where available.
+
+    glibc raises its mmap threshold after large frees, so later tensors of up to 32 MB
+    come from the heap and their freed space stays in RSS; building a model piece by
+    piece (TP shards) then looks like it needs the whole model.  No-op elsewhere.
+    """
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+            import ctypes.util
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
+
+
 def apply_memory_limit(nbytes: int | None) -> None:
     """Set the soft ``RLIMIT_AS`` of this process (``None`` lifts it to the hard limit).
 

@@ -43,6 +43,13 @@ REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
     "done": {"steps": int, "samples": int, "wall_s": NUM},
 }
 TYPES = tuple(REQUIRED)
+#: Optional fields the controller computes with: when present (and not null) they must
+#: have these types, so a bad value is rejected here instead of breaking the summary.
+OPTIONAL: dict[str, type | tuple[type, ...]] = {
+    "local_samples": int, "throughput_sps": NUM, "loss": NUM, "energy_j": NUM, "rss_bytes": int,
+    "peak_mem_bytes": int, "peak_rss_bytes": int, "limit_bytes": int, "mem_limit_bytes": int,
+    "comm_s": NUM, "energy_source": str, "energy_method": str, "role": str, "param_digest": str,
+}
 
 
 class ProtocolError(ValueError):
@@ -82,6 +89,10 @@ def validate(obj: Any) -> dict:
             # bool is an int subclass; a flag where a count belongs is a bug upstream
             if isinstance(value, bool) or not isinstance(value, typ):
                 raise ProtocolError(f"{kind} record field {name!r} has {type(value).__name__} {value!r}")
+    for name, typ in OPTIONAL.items():
+        value = obj.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, typ)):
+            raise ProtocolError(f"{kind} record field {name!r} has {type(value).__name__} {value!r}")
     return obj
 
 
@@ -96,6 +107,8 @@ def parse_line(line: str | bytes) -> dict:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"bad JSON ({exc.msg} at column {exc.colno}): {line[:80]!r}") from None
+    except RecursionError:
+        raise ProtocolError(f"JSON nested too deeply: {line[:80]!r}") from None
     return validate(obj)
 
 
@@ -114,8 +127,13 @@ class Emitter:
         validate(rec)
         line = json.dumps(rec, separators=(",", ":"), default=_default)
         with self._lock:
-            self._stream.write(line + "\n")
-            self._stream.flush()
+            try:
+                self._stream.write(line + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):
+                # the controller is gone (broken pipe / closed stream): nobody to tell;
+                # the worker's own exit path still runs
+                pass
         return rec
 
 

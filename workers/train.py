@@ -166,10 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     emitter.emit("hello", world_size=cfg.world_size, parallelism=cfg.parallelism, model=cfg.model,
                  pid=os.getpid(), host=socket.gethostname(), addr=cfg.addrs[args.rank],
                  python=sys.version.split()[0])
-    code = run(cfg, args.rank, emitter)
-    sys.stdout.flush()
-    # os._exit: a failed process group can leave gloo threads that block interpreter exit
-    os._exit(code)
+    code = EXIT_ERROR
+    try:
+        code = run(cfg, args.rank, emitter)
+        sys.stdout.flush()
+    finally:
+        # os._exit: a failed process group can leave gloo threads that block interpreter exit
+        os._exit(code)
 
 
 if __name__ == "__main__":

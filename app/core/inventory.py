@@ -90,6 +90,9 @@ class Inventory:
         """The devices named, in the order given (all devices when ``names`` is empty)."""
         if not names:
             return list(self.devices)
+        dup = sorted({n for n in names if list(names).count(n) > 1})
+        if dup:
+            raise ValueError(f"device {dup[0]!r} is selected twice; each device runs one worker")
         return [self.by_name(n) for n in names]
 
     def save(self, path: Path | str) -> None:

@@ -74,13 +74,13 @@ class _Worker:
     exit_signal: str | None = None
 
 
-async def push_workers(conn: asyncssh.SSHClientConnection, device: Device) -> str:
+async def push_workers(conn: asyncssh.SSHClientConnection, device: Device, digest: str | None = None) -> str:
     """Make the worker code available on the device; returns its directory there.
 
     The directory is named after the code's hash and completed with a marker file, so
     an unchanged install is reused and a half-finished copy is never trusted.
     """
-    digest = workers_digest()
+    digest = digest or workers_digest()
     remote = f"{device.workdir.rstrip('/')}/workers-{digest}"
     async with conn.start_sftp_client() as sftp:
         if await sftp.exists(f"{remote}/.complete"):
@@ -114,13 +114,14 @@ def remote_home_path(device: Device, rel: str) -> str:
     return f"{base}/{rel}" if base.startswith("/") else f"~/{base}/{rel}"
 
 
-async def push_asset(conn: asyncssh.SSHClientConnection, device: Device, local: Path) -> str:
+async def push_asset(conn: asyncssh.SSHClientConnection, device: Device, local: Path,
+                     digest: str | None = None) -> str:
     """Copy a local file or directory (dataset, weights, tokenizer) to the device once.
 
     Stored under ``<workdir>/assets/<content hash>/<name>`` with a completion marker,
     so re-runs reuse it and an interrupted copy is redone.  Returns the device path.
     """
-    digest = _asset_digest(local)
+    digest = digest or _asset_digest(local)
     rel_dir = f"assets/{digest}"
     remote_dir = f"{device.workdir.rstrip('/')}/{rel_dir}"
     async with conn.start_sftp_client() as sftp:
@@ -136,7 +137,8 @@ async def pick_port(conn: asyncssh.SSHClientConnection, device: Device) -> int:
     """A free TCP port on the rendezvous device, chosen by the device itself."""
     code = (f"import socket;s=socket.socket();s.bind(({device.host!r},0));"
             "print(s.getsockname()[1])")
-    res = await conn.run(f"{shlex.quote(device.python)} -c {shlex.quote(code)}", check=False)
+    res = await conn.run(f"{shlex.quote(device.python)} -c {shlex.quote(code)}", check=False,
+                         encoding="utf-8", errors="replace")
     try:
         return int(str(res.stdout).strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -151,9 +153,36 @@ async def kill_remote(conn: asyncssh.SSHClientConnection, pid: int, grace_s: flo
            f"for i in $(seq {int(grace_s * 10)}); do kill -0 {pid} 2>/dev/null || exit 0; sleep 0.1; done; "
            f"kill -KILL -{pid} 2>/dev/null || kill -KILL {pid} 2>/dev/null; exit 0")
     try:
-        await asyncio.wait_for(conn.run(cmd, check=False), grace_s + 5)
+        await asyncio.wait_for(conn.run(cmd, check=False, encoding="utf-8", errors="replace"), grace_s + 5)
     except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
         log.warning("could not kill remote pid %s: %s", pid, exc)
+
+
+async def on_device(device: Device, what: str, fix: str, coro):
+    """Await ``coro``; any SSH/SFTP/OS failure becomes a :class:`LaunchError` naming the device."""
+    try:
+        return await coro
+    except (LaunchError, SSHError):
+        raise
+    except (asyncssh.Error, OSError, ValueError, asyncio.TimeoutError) as exc:
+        why = str(exc) or type(exc).__name__
+        raise LaunchError(f"device '{device.name}' ({device.address}): {what} failed: {why}. Fix: {fix}",
+                          device.name) from None
+
+
+def _raise_all(errors: list[BaseException]) -> None:
+    """Raise one error naming every failing device (the user fixes them all at once)."""
+    if not errors:
+        return
+    for e in errors:
+        if not isinstance(e, Exception):
+            raise e
+    if len(errors) == 1:
+        raise errors[0]
+    first = errors[0]
+    names = [getattr(e, "device", None) or "?" for e in errors]
+    raise LaunchError(f"{len(errors)} devices failed ({', '.join(names)}):\n  " +
+                      "\n  ".join(str(e) for e in errors), getattr(first, "device", None))
 
 
 class Launcher:
@@ -196,8 +225,10 @@ class Launcher:
         outcome = "failed"
         try:
             await self._connect_all()
-            await self._prepare()
-            outcome = await self._run_workers()
+            if not self._stop.is_set():
+                await self._prepare()
+            # a stop asked for while connecting or copying ends the run before any worker starts
+            outcome = "stopped" if self._stop.is_set() else await self._run_workers()
         except (SSHError, LaunchError) as exc:
             dev = getattr(exc, "device", None)
             self.state.add_event(dev, "error", str(exc))
@@ -224,11 +255,20 @@ class Launcher:
         if errors:
             for c in conns:
                 c.close()
-            raise errors[0]
+            for e in errors:
+                dev = getattr(e, "device", None)
+                if dev in self.state.devices:
+                    self.state.set_status(dev, "failed", str(e))
+            _raise_all(errors)
         self.workers = [_Worker(d, rank, c) for rank, (d, c) in enumerate(zip(self.devices, conns))]
 
     async def _prepare(self) -> None:
-        dirs = await asyncio.gather(*(push_workers(w.conn, w.device) for w in self.workers))
+        digest = await asyncio.to_thread(workers_digest)
+        fix = "check free disk space and that the device's workdir is a writable directory"
+        dirs = await asyncio.gather(*(on_device(w.device, "copying the worker code", fix,
+                                                push_workers(w.conn, w.device, digest)) for w in self.workers),
+                                    return_exceptions=True)
+        _raise_all([d for d in dirs if isinstance(d, BaseException)])
         for w, d in zip(self.workers, dirs):
             w.remote_dir = d
         job = self.job
@@ -238,7 +278,11 @@ class Launcher:
             value = getattr(job, name)
             if value and Path(value).expanduser().exists():
                 local = Path(value).expanduser().resolve()
-                remote = await asyncio.gather(*(push_asset(w.conn, w.device, local) for w in self.workers))
+                asset_digest = await asyncio.to_thread(_asset_digest, local)  # once, off the loop
+                remote = await asyncio.gather(*(on_device(w.device, f"copying {name} {local.name}", fix,
+                                                          push_asset(w.conn, w.device, local, asset_digest))
+                                                for w in self.workers), return_exceptions=True)
+                _raise_all([r for r in remote if isinstance(r, BaseException)])
                 if len(set(remote)) != 1:
                     raise LaunchError(f"devices disagree on where {local.name} lives (different workdirs); "
                                       "give every device the same 'workdir' in the inventory")
@@ -248,8 +292,13 @@ class Launcher:
         job.addrs = [w.device.host for w in self.workers]
         job.devices = [w.device.name for w in self.workers]
         job.master_addr = self.workers[0].device.host
-        job.master_port = await pick_port(self.workers[0].conn, self.workers[0].device)
-        job.validate()
+        w0 = self.workers[0]
+        job.master_port = await on_device(w0.device, "choosing a rendezvous port",
+                                          "check that the device's python runs", pick_port(w0.conn, w0.device))
+        try:
+            job.validate()
+        except ValueError as exc:
+            raise LaunchError(f"the run's settings are inconsistent: {exc}") from None
 
     def _command(self, w: _Worker) -> str:
         py = shlex.quote(w.device.python)
@@ -257,10 +306,26 @@ class Launcher:
         return (f"cd {d} && echo {PID_TAG} $$ && exec env PYTHONPATH={d} PYTHONUNBUFFERED=1 "
                 f"{py} -m workers.train --rank {w.rank} --config-b64 {self.job.to_b64()}")
 
+    async def _start(self, w: _Worker) -> None:
+        """Start one worker and read its PID before anything else can go wrong."""
+        w.proc = await w.conn.create_process(self._command(w), stdin=asyncssh.DEVNULL,
+                                             encoding="utf-8", errors="replace")
+        self.state.set_status(w.device.name, "starting")
+        line = await asyncio.wait_for(w.proc.stdout.readline(), 30)
+        if line.startswith(PID_TAG):
+            try:
+                w.pid = int(line.split()[1])
+            except (IndexError, ValueError):
+                pass
+
     async def _run_workers(self) -> str:
-        for w in self.workers:
-            w.proc = await w.conn.create_process(self._command(w), stdin=asyncssh.DEVNULL)
-            self.state.set_status(w.device.name, "starting")
+        # all at once: with 64 devices, one after the other costs 64 round trips
+        started = await asyncio.gather(*(on_device(w.device, "starting the worker",
+                                                   "check the device's SSH server and workdir", self._start(w))
+                                         for w in self.workers), return_exceptions=True)
+        _raise_all([r for r in started if isinstance(r, BaseException)])
+        if self._stop.is_set():
+            return "stopped"
         tasks = {asyncio.ensure_future(self._watch(w)): w for w in self.workers}
         stop_task = asyncio.ensure_future(self._stop.wait())
         pending = set(tasks)
@@ -333,15 +398,15 @@ class Launcher:
 
         err_task = asyncio.ensure_future(stderr())
         async for line in w.proc.stdout:
-            if w.pid is None and line.startswith(PID_TAG):
-                try:
-                    w.pid = int(line.split()[1])
-                except (IndexError, ValueError):
-                    pass
-                continue
             rec = self.parser.feed(name, line)
-            if rec is not None:
+            if rec is None:
+                continue
+            try:
                 self.state.feed(rec)
+            except (TypeError, ValueError, KeyError) as exc:
+                # a schema-valid record with a wrongly typed optional field: count it, go on
+                self.parser.rejected[name] += 1
+                log.warning("telemetry record from %s not applied: %s", name, exc)
         await w.proc.wait()
         await asyncio.gather(err_task, return_exceptions=True)
         w.exit_status = w.proc.exit_status
@@ -358,15 +423,16 @@ class Launcher:
                     self.state.set_status(w.device.name, "stopped")
         if kills:
             await asyncio.gather(*kills, return_exceptions=True)
-        for w in self.workers:
+        async def close(w: _Worker) -> None:
             if w.proc is not None:
                 try:
                     await asyncio.wait_for(w.proc.wait(), 3)
                 except (asyncio.TimeoutError, asyncssh.Error, OSError):
                     w.proc.close()
             w.conn.close()
-        for w in self.workers:
             try:
                 await asyncio.wait_for(w.conn.wait_closed(), 2)
             except (asyncio.TimeoutError, OSError, asyncssh.Error):
                 pass
+        # concurrently: a few hung devices must not add up to minutes at 64 devices
+        await asyncio.gather(*(close(w) for w in self.workers), return_exceptions=True)

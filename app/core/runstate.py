@@ -6,6 +6,7 @@ subscribe to its signals.  It also writes the run record (``runs/<run_id>/``).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import time
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .signals import Signal
+
+log = logging.getLogger("edgetrain.runstate")
 
 STATUSES = ("pending", "connecting", "starting", "running", "done", "failed", "oom", "stopped")
 
@@ -139,6 +142,7 @@ class RunState:
             self.add_event(dev.name, "error", f"{dev.name}: {rec['message']}")
         elif kind == "done":
             dev.param_digest = rec.get("param_digest")
+            dev.samples = max(dev.samples, rec["samples"])  # step records may be sampled
             if rec.get("energy_j") is not None:
                 dev.energy_j = rec["energy_j"]
                 dev.energy_source, dev.energy_method = rec.get("energy_source"), rec.get("energy_method")
@@ -154,7 +158,10 @@ class RunState:
             self._log.close()
             self._log = None
         if self.run_dir is not None:
-            self.save()
+            try:
+                self.save()
+            except (OSError, TypeError, ValueError) as exc:
+                log.error("could not write the run record of %s: %s", self.run_id, exc)
         self.finished.emit(outcome)
 
     # -- reading ----------------------------------------------------------------------

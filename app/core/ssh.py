@@ -16,6 +16,10 @@ import asyncssh
 from .inventory import Device
 
 
+PLAIN_HOST_KEY_ALGS = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
+                       "rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")
+
+
 class SSHError(RuntimeError):
     """A device could not be reached or used; the message names it and the fix."""
 
@@ -86,12 +90,14 @@ class KnownHosts:
     def trust(self, host: str, port: int, key: asyncssh.SSHKey, replace: bool = False) -> None:
         """Store ``key`` for the endpoint (``replace`` drops older keys of that endpoint)."""
         pat = host_pattern(host, port)
+        # another process (the CLI, the GUI) may have written since we read: start from disk
+        self.reload()
         if replace:
-            self._lines = [ln for ln in self._lines if pat not in ln.split()[0].split(",")] if self._lines else []
+            self._lines = [ln for ln in self._lines if not ln.split() or pat not in ln.split()[0].split(",")]
         line = f"{pat} {key.export_public_key('openssh').decode().strip()}"
         self._lines.append(line)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text("\n".join(self._lines) + "\n")
         os.replace(tmp, self.path)
         self.reload()
@@ -153,7 +159,11 @@ async def connect(device: Device, known_hosts: KnownHosts, timeout: float = 10.0
             device.host, port=device.port, username=device.user, client_keys=keys or None,
             known_hosts=([], [], []), client_factory=factory, password=None,
             kbdint_auth=False, agent_path=None, config=None,
-            preferred_auth=("publickey",)), timeout)
+            preferred_auth=("publickey",),
+            # plain keys only: a host certificate would bypass our per-device key store
+            server_host_key_algs=PLAIN_HOST_KEY_ALGS,
+            # a board that loses power must fail its own connection, so the run names it
+            keepalive_interval=5, keepalive_count_max=3), timeout)
     except asyncssh.HostKeyNotVerifiable:
         client = client_holder[-1] if client_holder else None
         kind = client.verdict if client else "unknown"

@@ -97,8 +97,8 @@ async def run_sweep(inv: Inventory, names: list[str] | None, base: RunSettings, 
             continue
         try:
             await launcher.run()
-        except LaunchError as exc:
-            cell.message = str(exc)
+        except Exception as exc:  # noqa: BLE001 - one failed cell is a result; the sweep goes on
+            cell.message = str(exc) if isinstance(exc, LaunchError) else f"{type(exc).__name__}: {exc}"
         _fill(cell, state)
         if on_cell:
             on_cell(cell)

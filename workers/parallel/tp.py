@@ -44,6 +44,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from ..config import JobConfig
 from ..engine import StepResult, Trainer, loss_fn, make_optimizer
 from ..materialise import TensorReader, materialise
+from ..memory import release_freed_memory
 
 # Per family: module paths inside one HF layer -> "col" / "row".
 _PLANS: dict[str, dict[str, str]] = {
@@ -118,6 +119,7 @@ class TensorParallel(Trainer):
                 self._convert_gpt2_layer(i)
             self._localise_head_count(block)
             parallelize_module(block.inner, mesh, plan)
+            release_freed_memory()
         self.model.to(device)
         # Sharded (DTensor) and replicated (plain) parameters in separate groups: the
         # foreach optimizer kernels (the default on CUDA) refuse a mix of the two.
