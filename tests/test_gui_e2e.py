@@ -8,9 +8,7 @@
 """
 from __future__ import annotations
 
-import gc
 import random
-import threading
 import time
 from pathlib import Path
 
@@ -20,8 +18,6 @@ import pytest
 pytest.importorskip("PySide6")
 pytest.importorskip("pyqtgraph")
 
-from PySide6.QtCore import QEvent  # noqa: E402
-from PySide6.QtWidgets import QApplication, QDialog, QMainWindow  # noqa: E402
 
 from app.core.jobs import RunSettings  # noqa: E402
 from app.core.loop import AsyncLoop  # noqa: E402
@@ -45,20 +41,7 @@ def testbed(tmp_path_factory):
     loop.stop()
 
 
-@pytest.fixture(autouse=True)
-def no_leaks(qapp):
-    yield
-    QApplication.processEvents()
-    QApplication.sendPostedEvents(None, QEvent.DeferredDelete)
-    gc.collect()
-    left = [w for w in QApplication.topLevelWidgets() if isinstance(w, (QMainWindow, QDialog))]
-    for w in left:
-        w.close()
-        w.deleteLater()
-    QApplication.sendPostedEvents(None, QEvent.DeferredDelete)
-    assert left == [], f"top-level windows left behind: {left}"
-    threads = [t.name for t in threading.enumerate() if t.name.startswith("edgetrain-")]
-    assert threads == [], f"threads left running: {threads}"
+from tests.qtleaks import no_leaks  # noqa: E402,F401 -- autouse fixture
 
 
 def open_window(qtbot, tb: Testbed, tmp_path: Path, names: list[str], settings: RunSettings) -> QtMainWindow:

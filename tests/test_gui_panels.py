@@ -5,9 +5,7 @@ the trust test talks to a real SSH endpoint (an in-process testbed device).
 """
 from __future__ import annotations
 
-import gc
 import random
-import threading
 from pathlib import Path
 
 import asyncssh
@@ -20,7 +18,7 @@ pytest.importorskip("pyqtgraph")
 from PySide6.QtCore import QEvent, QPointF, Qt  # noqa: E402
 from PySide6.QtGui import QMouseEvent  # noqa: E402
 from PySide6.QtTest import QTest  # noqa: E402
-from PySide6.QtWidgets import QApplication, QDialog, QMainWindow, QStyle, QStyleOptionViewItem  # noqa: E402
+from PySide6.QtWidgets import QApplication, QStyle, QStyleOptionViewItem  # noqa: E402
 
 from app.core.loop import AsyncLoop  # noqa: E402
 from app.core.ssh import fingerprint  # noqa: E402
@@ -34,21 +32,7 @@ PRESETS = ["jetson-nano", "laptop", "jetson-tx2", "jetson-nx"]
 # ---------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True)
-def no_leaks(qapp):
-    """Every test leaves no window, no running timer's owner, no asyncio/planner thread."""
-    yield
-    QApplication.processEvents()
-    QApplication.sendPostedEvents(None, QEvent.DeferredDelete)   # what deleteLater() queued
-    gc.collect()
-    left = [w for w in QApplication.topLevelWidgets() if isinstance(w, (QMainWindow, QDialog))]
-    for w in left:
-        w.close()
-        w.deleteLater()
-    QApplication.sendPostedEvents(None, QEvent.DeferredDelete)
-    assert left == [], f"top-level windows left behind: {left}"
-    threads = [t.name for t in threading.enumerate() if t.name.startswith("edgetrain-")]
-    assert threads == [], f"threads left running: {threads}"
+from tests.qtleaks import no_leaks  # noqa: E402,F401 -- autouse fixture
 
 
 def write_inventory(path: Path, n: int, known_hosts: str | None = None) -> Path:
