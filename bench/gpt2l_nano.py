@@ -2,8 +2,8 @@
 
 1. One nano, whole model (DP on one device): must end in an ``oom`` event naming the
    device and the phase, within 30 s, with no worker process left.
-2. Four nanos (the paper's homogeneous testbed), pipeline-parallel: every stage must get
-   past model load; prints memory per device.  ``--steps`` > 0 also trains.
+2. Four nanos (the paper's homogeneous testbed), pipeline- then tensor-parallel: every
+   device must get past model load; prints memory per device.  ``--steps`` > 0 also trains.
 
     .venv/bin/python bench/gpt2l_nano.py [--steps 0]
 """
@@ -49,11 +49,11 @@ async def single(tmp: Path) -> bool:
     return outcome == "oom" and took < 30 and not left
 
 
-async def pipeline(tmp: Path, steps: int) -> bool:
-    async with Testbed(tmp / "tb4", preset="homogeneous", port=0, base_addr="127.0.32.1") as tb:
+async def split(tmp: Path, steps: int, parallelism: str) -> bool:
+    async with Testbed(tmp / f"tb4{parallelism}", preset="homogeneous", port=0, base_addr="127.0.32.1") as tb:
         inv = load_inventory(tb.inventory_path)
-        settings = RunSettings(model="gpt2-l", parallelism="pp", steps=steps, batch_size=8, micro_batches=4,
-                               timeout_s=600)
+        settings = RunSettings(model="gpt2-l", parallelism=parallelism, steps=steps, batch_size=8,
+                               micro_batches=4, timeout_s=600)
         launcher, state = prepare_run(inv, None, settings, tmp / "runs")
         loaded: dict[str, int] = {}
         state.record.connect(lambda r: loaded.__setitem__(r["device"], r.get("rss_bytes") or 0)
@@ -62,10 +62,11 @@ async def pipeline(tmp: Path, steps: int) -> bool:
         outcome = await launcher.run()
         took = time.monotonic() - t0
     stages = {s["ranks"][0]: s["layers"] for s in launcher.job.stages}
-    print(f"4 x jetson-nano, gpt2-l pipeline ({steps} steps): outcome {outcome} after {took:.1f} s")
+    print(f"4 x jetson-nano, gpt2-l {parallelism} ({steps} steps): outcome {outcome} after {took:.1f} s")
     for d in state.devices.values():
         rss = loaded.get(d.name)
-        print(f"  {d.name:<7} stage {d.rank} blocks {stages.get(d.rank)}  past load: {'yes' if rss else 'NO'}  "
+        where = f"blocks {stages.get(d.rank)}" if stages else "1/4 of every block"
+        print(f"  {d.name:<7} {d.role:<10} {where}  past load: {'yes' if rss else 'NO'}  "
               f"RSS after load {rss / 2**30 if rss else 0:.2f} GiB  peak {d.peak_mem_bytes / 2**30:.2f} GiB  "
               f"status {d.status} {d.message or ''}")
     return len(loaded) == 4
@@ -77,9 +78,11 @@ def main() -> int:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ok1 = asyncio.run(single(Path(tmp)))
-        ok2 = asyncio.run(pipeline(Path(tmp), args.steps))
-    print("OK" if ok1 and ok2 else "FAILED")
-    return 0 if ok1 and ok2 else 1
+        ok2 = asyncio.run(split(Path(tmp), args.steps, "pp"))
+        ok3 = asyncio.run(split(Path(tmp), args.steps, "tp"))
+    ok = ok1 and ok2 and ok3
+    print("OK" if ok else "FAILED")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

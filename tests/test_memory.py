@@ -168,3 +168,35 @@ def test_peak_rss_ignores_a_big_parent() -> None:
                          timeout=60, check=True).stdout
     del ballast
     assert int(out) < 200 * 1024**2
+
+
+_FRAGMENT = r"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (int(2.0 * 2**30),) * 2)
+sys.path.insert(0, {root!r})
+import torch
+from workers.memory import release_freed_memory, unmap_large_frees
+if {fixed}:
+    unmap_large_frees()
+kept = []
+try:
+    for i in range(150):   # build a 20 MB piece whole, keep a 4 MB shard of it (TP load)
+        full = torch.ones(5 * 2**20)
+        kept.append(full[: 2**20].clone())
+        del full
+        release_freed_memory()
+    print("loaded")
+except RuntimeError:
+    print("oom at", i)
+"""
+
+
+@pytest.mark.parametrize("fixed, expected", [(False, "oom at"), (True, "loaded")])
+def test_piecewise_build_under_address_space_cap(fixed, expected):
+    """Kept shards on top of freed whole pieces: with glibc's dynamic mmap threshold the
+    holes keep their address space and a 2 GiB cap runs out at ~1.4 GB of real use;
+    unmap_large_frees() (what the worker does under a cap) makes it fit."""
+    root = str(Path(__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-c", _FRAGMENT.format(root=root, fixed=fixed)],
+                         capture_output=True, text=True, timeout=120)
+    assert expected in out.stdout, out.stdout + out.stderr

@@ -44,6 +44,11 @@ class Trainer:
         """Parameters this rank holds, by the full model's parameter names (for checks)."""
         raise NotImplementedError
 
+    def local_state(self) -> dict[str, torch.Tensor]:
+        """What this rank holds, as stored here (shards stay shards): no communication,
+        no extra memory.  Used for the end-of-run parameter digest."""
+        return self.full_state()
+
     def finish(self) -> None:
         """Flush any accumulated gradients (called once after the last iteration)."""
 

@@ -214,6 +214,26 @@ def release_freed_memory() -> None:
 
 
 _libc = None
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def unmap_large_frees(threshold: int = 1 << 20) -> bool:
+    """Serve allocations of ``threshold`` bytes and more with their own mmap (glibc).
+
+    Under an address-space cap (RLIMIT_AS, how the testbed emulates a board's memory)
+    virtual size is what runs out.  glibc's dynamic threshold moves tensors of up to
+    32 MB into the heap after the first large free; building a model piece by piece then
+    leaves freed holes that ``malloc_trim`` returns to the OS as RSS but not as address
+    space, and a TP rank hits the cap at a fraction of its real use.  A fixed threshold
+    gives every large tensor back on free.  Returns whether it could be set.
+    """
+    release_freed_memory()  # loads libc
+    if not _libc:
+        return False
+    try:
+        return bool(_libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except AttributeError:
+        return False
 
 
 def apply_memory_limit(nbytes: int | None) -> None:

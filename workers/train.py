@@ -57,9 +57,12 @@ def _cap_cuda_memory(torch, device) -> None:
 def run(cfg, rank: int, emitter) -> int:
     """Train per ``cfg`` as ``rank``; returns the exit code.  Imports torch lazily so
     the ``hello`` line goes out before the slow imports."""
-    from .memory import PeakTracker, is_oom_error, memory_limit_bytes, rss_bytes
+    from .memory import PeakTracker, is_oom_error, memory_limit_bytes, rss_bytes, unmap_large_frees
 
     limit, limit_src = memory_limit_bytes()
+    import resource
+    if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:
+        unmap_large_frees()  # an address-space cap: freed tensors must give back address space
     phase = "import"
     trainer = None
     tracker = PeakTracker(cfg.device)
@@ -125,6 +128,7 @@ def run(cfg, rank: int, emitter) -> int:
                     baseline_subtracted=reading.baseline_subtracted,
                     rss_bytes=rss_bytes(), peak_mem_bytes=_peak(tracker), comm_s=res.comm_s,
                     role=trainer.role)
+        trainer.phase = "finish"
         trainer.finish()
         wall = time.perf_counter() - t_start
         total = meter.read()
@@ -132,7 +136,7 @@ def run(cfg, rank: int, emitter) -> int:
         emitter.emit("done", steps=cfg.steps, samples=samples_done, wall_s=wall,
                      energy_j=total.joules, energy_source=total.source, energy_method=total.method,
                      energy_detail=total.detail, peak_mem_bytes=_peak(tracker), peak_rss_bytes=tracker.peak(),
-                     param_digest=_param_digest(trainer.full_state()), role=trainer.role)
+                     param_digest=_param_digest(trainer.local_state()), role=trainer.role)
         edist.shutdown()
         return EXIT_OK
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the controller

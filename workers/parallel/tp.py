@@ -165,6 +165,12 @@ class TensorParallel(Trainer):
         return StepResult(loss=float(loss.detach()), samples=ids.shape[0], local_samples=ids.shape[0],
                           synced=True)
 
+    def local_state(self) -> dict[str, torch.Tensor]:
+        # full_state() would all-gather the whole model onto every rank: exactly what a
+        # device that needs TP cannot hold
+        return {n: (p.to_local() if isinstance(p, DTensor) else p).detach()
+                for n, p in self.model.named_parameters()}
+
     def full_state(self) -> dict[str, torch.Tensor]:
         """Every parameter as the full tensor in the HF layout, under the HF name.
 
