@@ -171,3 +171,26 @@ def test_known_hosts_writers_do_not_undo_each_other(tmp_path):
     fresh = KnownHosts(path)
     assert fresh.lookup("10.0.0.1", 22) == [k2.convert_to_public()]
     assert fresh.lookup("10.0.0.2", 22) and fresh.lookup("10.0.0.3", 22)
+
+
+def test_frozen_worker_is_named_and_everything_is_killed(tmp_path):
+    """A SIGSTOPped worker closes no connection: its peers just wait.  The watchdog
+    notices the silence, finds the stopped process and names its device."""
+    async def main():
+        async with Testbed(tmp_path / "tb", n_devices=2, port=0, base_addr=base_addr()) as tb:
+            inv = load_inventory(tb.inventory_path)
+            settings = RunSettings(steps=100000, batch_size=32, stall_s=3.0, timeout_s=300)
+            launcher, state = prepare_run(inv, None, settings, tmp_path / "runs")
+            task = asyncio.ensure_future(launcher.run())
+            await _until(lambda: all(d.steps >= 2 for d in state.devices.values()), 60)
+            pids = [d.pid for d in state.devices.values()]
+            t0 = time.monotonic()
+            psutil.Process(state.devices["dev1"].pid).suspend()   # SIGSTOP
+            outcome = await asyncio.wait_for(task, 60)
+            return outcome, time.monotonic() - t0, state, pids
+    outcome, took, state, pids = asyncio.run(main())
+    assert outcome == "failed"
+    assert took < 20          # not the 300 s process-group timeout
+    failures = [e for e in state.events if e.kind == "failure"]
+    assert failures[0].device == "dev1" and "frozen" in failures[0].message
+    assert all(gone(p) for p in pids)

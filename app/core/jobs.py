@@ -54,6 +54,7 @@ class RunSettings:
     tokenizer: str | None = None
     device: str = "cpu"
     timeout_s: float = 60.0
+    stall_s: float = 30.0     # no telemetry for this long: check for a frozen device
     stages: list[dict] | None = None
 
 
@@ -133,4 +134,4 @@ def prepare_run(inv: Inventory, names: list[str] | None, settings: RunSettings,
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     state = RunState(job.run_id, [d.name for d in devices], config, run_dir=run_dir, plan=plan)
     known = KnownHosts(default_known_hosts(inv))
-    return Launcher(devices, job, known, state), state
+    return Launcher(devices, job, known, state, stall_s=settings.stall_s), state

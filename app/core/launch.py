@@ -200,10 +200,13 @@ class Launcher:
         Receives every record and status change.
     """
 
-    def __init__(self, devices: list[Device], job: JobConfig, known_hosts: KnownHosts, state: RunState) -> None:
+    def __init__(self, devices: list[Device], job: JobConfig, known_hosts: KnownHosts, state: RunState,
+                 stall_s: float = 30.0) -> None:
         if not devices:
             raise LaunchError("no devices selected. Fix: select at least one device")
         self.devices, self.job, self.known_hosts, self.state = devices, job, known_hosts, state
+        self.stall_s = stall_s
+        self._last_record = time.monotonic()
         self.parser = TelemetryParser()
         self.workers: list[_Worker] = []
         self._failure: LaunchError | None = None
@@ -328,6 +331,8 @@ class Launcher:
             return "stopped"
         tasks = {asyncio.ensure_future(self._watch(w)): w for w in self.workers}
         stop_task = asyncio.ensure_future(self._stop.wait())
+        watchdog = asyncio.ensure_future(self._watchdog())
+        tasks[watchdog] = None
         pending = set(tasks)
         outcome = "done"
         try:
@@ -342,6 +347,8 @@ class Launcher:
                 for t in done:
                     pending.discard(t)
                     w = tasks[t]
+                    if w is None:  # the watchdog found a frozen device
+                        return "failed"
                     if t.exception() is not None:
                         msg = f"lost the connection to device '{w.device.name}': {t.exception()}"
                         self.state.set_status(w.device.name, "failed", msg)
@@ -358,6 +365,39 @@ class Launcher:
             for t in tasks:
                 if not t.done():
                     t.cancel()
+
+    async def _watchdog(self) -> None:
+        """Name a frozen device.  A stopped or hung worker closes nothing, so its peers
+        just wait in their next collective (up to the process-group timeout) and the run
+        goes quiet.  When no record has arrived for ``stall_s``, ask every device what
+        state its worker is in; one that is stopped (``T``) is the culprit."""
+        while True:
+            await asyncio.sleep(min(5.0, self.stall_s / 3))
+            quiet = time.monotonic() - self._last_record
+            if quiet < self.stall_s:
+                continue
+            states = await asyncio.gather(*(self._proc_state(w) for w in self.workers))
+            frozen = [w for w, st in zip(self.workers, states) if st in ("T", "t")]
+            if frozen:
+                names = ", ".join(w.device.name for w in frozen)
+                for w in frozen:
+                    msg = (f"worker on device '{w.device.name}' is frozen (stopped, no progress for "
+                           f"{quiet:.0f} s); its peers are blocked waiting for it")
+                    self.state.set_status(w.device.name, "failed", msg)
+                    self.state.add_event(w.device.name, "failure", msg)
+                log.warning("frozen devices: %s", names)
+                return
+            self._last_record = time.monotonic()  # all alive: a long step, look again later
+
+    async def _proc_state(self, w: _Worker) -> str | None:
+        if w.pid is None:
+            return None
+        try:
+            res = await asyncio.wait_for(w.conn.run(f"cut -d' ' -f3 /proc/{w.pid}/stat", check=False,
+                                                    encoding="utf-8", errors="replace"), 10)
+            return str(res.stdout).strip() or None
+        except (asyncssh.Error, OSError, asyncio.TimeoutError):
+            return None
 
     def _judge(self, w: _Worker) -> str:
         """Outcome of a finished worker; records a failure event naming the device."""
@@ -401,6 +441,7 @@ class Launcher:
             rec = self.parser.feed(name, line)
             if rec is None:
                 continue
+            self._last_record = time.monotonic()
             try:
                 self.state.feed(rec)
             except (TypeError, ValueError, KeyError) as exc:
