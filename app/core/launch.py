@@ -336,7 +336,7 @@ class Launcher:
         pending = set(tasks)
         outcome = "done"
         try:
-            while pending:
+            while pending - {watchdog}:  # the watchdog never ends on its own
                 done, _ = await asyncio.wait(pending | {stop_task}, return_when=asyncio.FIRST_COMPLETED)
                 if stop_task in done:
                     self.state.add_event(None, "info", "run stopped by the user")
