@@ -137,7 +137,9 @@ def run(cfg, rank: int, emitter) -> int:
                      energy_j=total.joules, energy_source=total.source, energy_method=total.method,
                      energy_detail=total.detail, peak_mem_bytes=_peak(tracker), peak_rss_bytes=tracker.peak(),
                      param_digest=_param_digest(trainer.local_state()), role=trainer.role)
-        edist.shutdown()
+        # No destroy_process_group: with gloo it can block when peers exit first (seen in
+        # CI: a rank hung after its `done`). Every collective has finished by now and the
+        # process leaves through os._exit, which closes its sockets.
         return EXIT_OK
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the controller
         if trainer is not None:

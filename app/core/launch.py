@@ -72,6 +72,7 @@ class _Worker:
     stderr_tail: list[str] = field(default_factory=list)
     exit_status: int | None = None
     exit_signal: str | None = None
+    reaped_after_done: bool = False   # killed by us after it had reported `done`
 
 
 async def push_workers(conn: asyncssh.SSHClientConnection, device: Device, digest: str | None = None) -> str:
@@ -373,6 +374,7 @@ class Launcher:
         state its worker is in; one that is stopped (``T``) is the culprit."""
         while True:
             await asyncio.sleep(min(5.0, self.stall_s / 3))
+            await self._reap_finished()
             quiet = time.monotonic() - self._last_record
             if quiet < self.stall_s:
                 continue
@@ -389,6 +391,18 @@ class Launcher:
                 return
             self._last_record = time.monotonic()  # all alive: a long step, look again later
 
+    async def _reap_finished(self, grace_s: float = 10.0) -> None:
+        """A worker that reported ``done`` but has not exited after ``grace_s`` is stuck in
+        library teardown: its work is complete, so end the process rather than the run."""
+        now = time.time()
+        for w in self.workers:
+            dev = self.state.devices[w.device.name]
+            alive = w.proc is not None and w.proc.exit_status is None and w.proc.exit_signal is None
+            if dev.status == "done" and alive and w.pid and now - (dev.done_at or now) > grace_s:
+                w.reaped_after_done = True
+                log.warning("worker on %s reported done but did not exit; ending it", w.device.name)
+                await kill_remote(w.conn, w.pid)
+
     async def _proc_state(self, w: _Worker) -> str | None:
         if w.pid is None:
             return None
@@ -403,7 +417,7 @@ class Launcher:
         """Outcome of a finished worker; records a failure event naming the device."""
         name = w.device.name
         dev = self.state.devices[name]
-        if w.exit_status == 0 and dev.status == "done":
+        if dev.status == "done" and (w.exit_status == 0 or w.reaped_after_done):
             return "done"
         if w.exit_signal:
             dev.exit = f"signal {w.exit_signal}"

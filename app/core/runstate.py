@@ -43,6 +43,7 @@ class DeviceRun:
     exit: str | None = None
     message: str | None = None
     param_digest: str | None = None
+    done_at: float | None = None
 
 
 @dataclass
@@ -142,6 +143,7 @@ class RunState:
             self.add_event(dev.name, "error", f"{dev.name}: {rec['message']}")
         elif kind == "done":
             dev.param_digest = rec.get("param_digest")
+            dev.done_at = time.time()
             dev.samples = max(dev.samples, rec["samples"])  # step records may be sampled
             if rec.get("energy_j") is not None:
                 dev.energy_j = rec["energy_j"]
