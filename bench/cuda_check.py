@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,15 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from workers.config import JobConfig  # noqa: E402
+from workers.dist import free_port  # noqa: E402
 from workers.protocol import parse_line  # noqa: E402
 
 
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def run_worker(cfg: JobConfig, env_extra: dict[str, str]) -> tuple[int, list[dict]]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import socket
 import sys
 import tempfile
 import time
@@ -30,6 +29,8 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workers.dist import free_port  # noqa: E402
 
 GIB = 1024 ** 3
 
@@ -42,12 +43,6 @@ def _vm_peak() -> int:
     return 0
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def balanced_stages(name: str, n_stages: int) -> list[tuple[int, int]]:
@@ -146,7 +141,7 @@ def _single_main(_: int, name: str, cap: int, worker: bool, out_dir: str) -> Non
         torch.set_num_threads(1)
         if worker:
             cfg = JobConfig(run_id="single", world_size=1, master_addr="127.0.0.1",
-                            master_port=_free_port(), addrs=["127.0.0.1"], devices=["nano"],
+                            master_port=free_port(), addrs=["127.0.0.1"], devices=["nano"],
                             model=name, parallelism="dp", batch_size=4, steps=1)
             phase = "rendezvous"
             edist.init(0, 1, cfg.master_addr, cfg.master_port, cfg.addrs[0], timeout_s=60)
@@ -188,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     cap = int(args.cap_gib * GIB)
     ranges = balanced_stages(args.model, args.stages)
     n = args.stages
-    cfg = JobConfig(run_id="gpt2l-load", world_size=n, master_addr="127.0.0.1", master_port=_free_port(),
+    cfg = JobConfig(run_id="gpt2l-load", world_size=n, master_addr="127.0.0.1", master_port=free_port(),
                     addrs=[f"127.0.0.{i + 1}" for i in range(n)], devices=[f"nano{i}" for i in range(n)],
                     model=args.model, parallelism="pp", batch_size=4, seq_len=32, micro_batches=4,
                     steps=1, stages=[{"ranks": [i], "layers": list(r)} for i, r in enumerate(ranges)],

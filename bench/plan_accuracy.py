@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from workers.dist import free_port  # noqa: E402
 
 from app.core.costmodel import GIB, DeviceSpec, Links  # noqa: E402
 from app.core.plan import Plan, compare, make_plan  # noqa: E402
@@ -147,12 +148,6 @@ def planner_specs(emu: list[Any], gflops: float, n_cpus: int) -> list[DeviceSpec
 # --------------------------------------------------------------------------- launchers
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def launch_direct(emu: list[Any], cfg: dict, plan: Plan, runs_dir: Path) -> Any:
@@ -163,7 +158,7 @@ def launch_direct(emu: list[Any], cfg: dict, plan: Plan, runs_dir: Path) -> Any:
 
     names = [e.name for e in emu]
     run_id = time.strftime("%Y%m%d-%H%M%S-") + os.urandom(2).hex()
-    job = JobConfig(run_id=run_id, world_size=len(emu), master_addr="127.0.0.1", master_port=_free_port(),
+    job = JobConfig(run_id=run_id, world_size=len(emu), master_addr="127.0.0.1", master_port=free_port(),
                     addrs=["127.0.0.1"] * len(emu), devices=names, **cfg)
     job.validate()
     state = RunState(run_id, names, {"job": job.__dict__}, run_dir=runs_dir / run_id, plan=plan.to_dict())

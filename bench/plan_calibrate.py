@@ -35,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from workers.dist import free_port  # noqa: E402
+
 # (label, preset overrides, batch, seq, threads, steps); custom shapes vary h / L / ffn
 # independently so that matmul FLOPs, activation traffic and per-block overhead separate.
 CONFIGS = [
@@ -74,12 +76,6 @@ def _clear_refs() -> None:
         f.write("5")
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def matmul_gflops(torch, seconds: float = 0.6, clock=time.perf_counter, n: int = 512) -> float:
@@ -109,7 +105,7 @@ def child(spec: dict) -> dict:
     from workers.models import PRESETS, _MODEL_CLASSES, StagedModel, hf_config
 
     marks: dict[str, dict[str, int]] = {}
-    port = _free_port()
+    port = free_port()
     cfg = JobConfig(run_id="cal", world_size=1, master_addr="127.0.0.1", master_port=port,
                     addrs=["127.0.0.1"], devices=["d0"], model=spec["preset"], batch_size=spec["batch"],
                     seq_len=spec["seq"], steps=spec["steps"], sync_every=1)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 from pathlib import Path
 
@@ -19,14 +18,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from workers.config import JobConfig
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from workers.dist import free_port  # noqa: F401 (re-exported for the parallel tests)
 
 
 def make_cfg(parallelism: str, world: int, model: str = "tiny-gpt2", steps: int = 3, batch_size: int = 16,

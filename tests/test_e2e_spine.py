@@ -40,6 +40,22 @@ async def _until(pred, timeout: float) -> None:
         await asyncio.sleep(0.05)
 
 
+async def _interrupt_run(tmp_path, settings: RunSettings, min_steps: int, act):
+    """Start a long run on two testbed devices, wait until every rank has done
+    ``min_steps``, call ``act(launcher, state)``; returns (outcome, seconds after the act,
+    state, worker pids)."""
+    async with Testbed(tmp_path / "tb", n_devices=2, port=0, base_addr=base_addr()) as tb:
+        inv = load_inventory(tb.inventory_path)
+        launcher, state = prepare_run(inv, None, settings, tmp_path / "runs")
+        task = asyncio.ensure_future(launcher.run())
+        await _until(lambda: all(d.steps >= min_steps for d in state.devices.values()), 60)
+        pids = [d.pid for d in state.devices.values()]
+        t0 = time.monotonic()
+        act(launcher, state)
+        outcome = await asyncio.wait_for(task, 60)
+        return outcome, time.monotonic() - t0, state, pids
+
+
 def test_dp_run_over_ssh_replicas_identical(tmp_path):
     async def main():
         async with Testbed(tmp_path / "tb", n_devices=2, port=0, base_addr=base_addr()) as tb:
@@ -67,20 +83,9 @@ def test_dp_run_over_ssh_replicas_identical(tmp_path):
 
 
 def test_killing_one_worker_ends_run_naming_device(tmp_path):
-    async def main():
-        async with Testbed(tmp_path / "tb", n_devices=2, port=0, base_addr=base_addr()) as tb:
-            inv = load_inventory(tb.inventory_path)
-            settings = RunSettings(model="tiny-gpt2", parallelism="dp", steps=100000, batch_size=32)
-            launcher, state = prepare_run(inv, None, settings, tmp_path / "runs")
-            task = asyncio.ensure_future(launcher.run())
-            await _until(lambda: all(d.steps >= 2 for d in state.devices.values()), 60)
-            victim = state.devices["dev1"]
-            pids = [d.pid for d in state.devices.values()]
-            t0 = time.monotonic()
-            psutil.Process(victim.pid).kill()
-            outcome = await asyncio.wait_for(task, 30)
-            return outcome, time.monotonic() - t0, state, pids
-    outcome, took, state, pids = asyncio.run(main())
+    settings = RunSettings(model="tiny-gpt2", parallelism="dp", steps=100000, batch_size=32)
+    outcome, took, state, pids = asyncio.run(_interrupt_run(
+        tmp_path, settings, 2, lambda launcher, state: psutil.Process(state.devices["dev1"].pid).kill()))
     assert outcome == "failed"
     assert took < 10
     failures = [e for e in state.events if e.kind == "failure"]
@@ -91,18 +96,9 @@ def test_killing_one_worker_ends_run_naming_device(tmp_path):
 
 
 def test_stop_request_kills_every_worker(tmp_path):
-    async def main():
-        async with Testbed(tmp_path / "tb", n_devices=2, port=0, base_addr=base_addr()) as tb:
-            inv = load_inventory(tb.inventory_path)
-            settings = RunSettings(model="tiny-gpt2", parallelism="dp", steps=100000, batch_size=32)
-            launcher, state = prepare_run(inv, None, settings, tmp_path / "runs")
-            task = asyncio.ensure_future(launcher.run())
-            await _until(lambda: all(d.steps >= 1 for d in state.devices.values()), 60)
-            pids = [d.pid for d in state.devices.values()]
-            launcher.request_stop()
-            outcome = await asyncio.wait_for(task, 30)
-            return outcome, state, pids
-    outcome, state, pids = asyncio.run(main())
+    settings = RunSettings(model="tiny-gpt2", parallelism="dp", steps=100000, batch_size=32)
+    outcome, _, state, pids = asyncio.run(_interrupt_run(
+        tmp_path, settings, 1, lambda launcher, state: launcher.request_stop()))
     assert outcome == "stopped"
     assert all(gone(p) for p in pids)
     assert {d.status for d in state.devices.values()} == {"stopped"}
@@ -176,19 +172,9 @@ def test_known_hosts_writers_do_not_undo_each_other(tmp_path):
 def test_frozen_worker_is_named_and_everything_is_killed(tmp_path):
     """A SIGSTOPped worker closes no connection: its peers just wait.  The watchdog
     notices the silence, finds the stopped process and names its device."""
-    async def main():
-        async with Testbed(tmp_path / "tb", n_devices=2, port=0, base_addr=base_addr()) as tb:
-            inv = load_inventory(tb.inventory_path)
-            settings = RunSettings(steps=100000, batch_size=32, stall_s=3.0, timeout_s=300)
-            launcher, state = prepare_run(inv, None, settings, tmp_path / "runs")
-            task = asyncio.ensure_future(launcher.run())
-            await _until(lambda: all(d.steps >= 2 for d in state.devices.values()), 60)
-            pids = [d.pid for d in state.devices.values()]
-            t0 = time.monotonic()
-            psutil.Process(state.devices["dev1"].pid).suspend()   # SIGSTOP
-            outcome = await asyncio.wait_for(task, 60)
-            return outcome, time.monotonic() - t0, state, pids
-    outcome, took, state, pids = asyncio.run(main())
+    settings = RunSettings(steps=100000, batch_size=32, stall_s=3.0, timeout_s=300)
+    outcome, took, state, pids = asyncio.run(_interrupt_run(
+        tmp_path, settings, 2, lambda launcher, state: psutil.Process(state.devices["dev1"].pid).suspend()))
     assert outcome == "failed"
     assert took < 20          # not the 300 s process-group timeout
     failures = [e for e in state.events if e.kind == "failure"]

@@ -64,6 +64,14 @@ def init(rank: int, world_size: int, master_addr: str, master_port: int, bind_ad
     return dev
 
 
+def free_port(addr: str = "127.0.0.1") -> int:
+    """A TCP port free on ``addr`` now (for a rendezvous on this host: tests, benches)."""
+    import socket
+    with socket.socket() as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

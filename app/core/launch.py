@@ -210,7 +210,6 @@ class Launcher:
         self._last_record = time.monotonic()
         self.parser = TelemetryParser()
         self.workers: list[_Worker] = []
-        self._failure: LaunchError | None = None
         self._stop = asyncio.Event()
 
     def request_stop(self) -> None:
