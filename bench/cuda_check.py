@@ -24,8 +24,6 @@ from workers.dist import free_port  # noqa: E402
 from workers.protocol import parse_line  # noqa: E402
 
 
-
-
 def run_worker(cfg: JobConfig, env_extra: dict[str, str]) -> tuple[int, list[dict]]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), **env_extra}
     out = subprocess.run([sys.executable, "-m", "workers.train", "--rank", "0", "--config-b64", cfg.to_b64()],

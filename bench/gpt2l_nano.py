@@ -21,9 +21,10 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.core.inventory import load_inventory  # noqa: E402
-from app.core.jobs import RunSettings, prepare_run  # noqa: E402
-from app.core.testbed import Testbed  # noqa: E402
+from app.devices.inventory import load_inventory  # noqa: E402
+from app.run.jobs import prepare_run  # noqa: E402
+from app.testbed.local import Testbed  # noqa: E402
+from workers.config import RunSettings  # noqa: E402
 
 
 def _gone(pid: int | None) -> bool:

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
-from app.core.series import SERIES, SeriesStore  # noqa: E402
 from app.qt.qt_charts import QtLiveCharts  # noqa: E402
 from app.qt.qt_style import apply_app_style, device_colour  # noqa: E402
+from app.workspace.series import SERIES, SeriesStore  # noqa: E402
 
 RATE_HZ = 20.0
 WINDOW_S = 60.0

@@ -19,11 +19,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.core.inventory import load_inventory  # noqa: E402
-from app.core.jobs import RunSettings, prepare_run  # noqa: E402
-from app.core.launch import push_workers  # noqa: E402
-from app.core.ssh import KnownHosts, connect  # noqa: E402
-from app.core.testbed import Testbed  # noqa: E402
+from app.devices.inventory import load_inventory  # noqa: E402
+from app.devices.remote import push_workers  # noqa: E402
+from app.devices.ssh import KnownHosts, connect  # noqa: E402
+from app.run.jobs import prepare_run  # noqa: E402
+from app.testbed.local import Testbed  # noqa: E402
+from workers.config import RunSettings  # noqa: E402
 
 
 async def one(n: int, run: bool, tmp: Path) -> str:

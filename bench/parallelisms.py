@@ -1,7 +1,7 @@
 """GPT2-S (batch 128 x seq 32) with each parallelism on 4 emulated devices, side by side
 with one-device training: latency per sample and peak memory per device.
 
-Every cell is a real run over SSH on a local testbed (``app.core.sweep``), so the numbers
+Every cell is a real run over SSH on a local testbed (``app.run.sweep``), so the numbers
 include what a user pays: process start, rendezvous, gloo collectives on loopback.
 
     .venv/bin/python bench/parallelisms.py [--model gpt2-s] [--steps 3] [--devices 4]
@@ -17,10 +17,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.core.inventory import load_inventory  # noqa: E402
-from app.core.jobs import RunSettings  # noqa: E402
-from app.core.sweep import PARALLELISMS, plan_cells, run_sweep_blocking, write_report  # noqa: E402
-from app.core.testbed import start_testbed, stop_testbed  # noqa: E402
+from app.devices.inventory import load_inventory  # noqa: E402
+from app.run.sweep import PARALLELISMS, plan_cells, run_sweep_blocking, write_report  # noqa: E402
+from app.testbed.daemon import start_testbed, stop_testbed  # noqa: E402
+from workers.config import RunSettings  # noqa: E402
 
 
 def main() -> int:

@@ -10,7 +10,7 @@ Three parts:
   the planner's OOM flag against what happened when the run was forced.
 * ``--timing``: planner speed, 64 devices x 36 blocks x every parallelism.
 
-Launchers: by default the local testbed (``app.core.testbed.start_testbed``) and the
+Launchers: by default the local testbed (``app.testbed.local.start_testbed``) and the
 same path as ``edgetrain run`` (``jobs.prepare_run`` with the plan, so the run record
 holds the predictions next to the measured values, then ``Launcher.run``).
 ``--direct`` starts the same worker command (``python -m workers.train``, same JobConfig,
@@ -46,11 +46,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from app.planner.costmodel import GIB, DeviceSpec  # noqa: E402
+from app.planner.inputs import TESTBED_LINK  # noqa: E402
+from app.planner.links import Links  # noqa: E402
+from app.planner.plan import Plan, compare, make_plan  # noqa: E402
 from workers.dist import free_port  # noqa: E402
-
-from app.core.costmodel import GIB, DeviceSpec, Links  # noqa: E402
-from app.core.plan import Plan, compare, make_plan  # noqa: E402
-from app.core.plan_inputs import TESTBED_LINK  # noqa: E402
 
 PARALLELISMS = ("dp", "sp", "tp", "pp", "hybrid")
 DEVICES = {"dp": 2, "sp": 2, "tp": 2, "pp": 2, "hybrid": 4}
@@ -91,7 +91,7 @@ def host_gflops_per_thread() -> float:
 
 @dataclass(frozen=True)
 class _Unlimited:
-    """``app.core.emulation``'s ``unlimited`` preset, for hosts where that module cannot
+    """``app.testbed.emulation``'s ``unlimited`` preset, for hosts where that module cannot
     be imported (it serves SSH: asyncssh)."""
 
     name: str = "unlimited"
@@ -110,9 +110,9 @@ class _Emu:
 
 
 def emulated(presets: list[str], caps: str | None, threads: int = 1) -> list[Any]:
-    """``app.core.emulation.DeviceSpec`` per device (names dev0, nano0, ... as the testbed)."""
+    """``app.testbed.emulation.DeviceSpec`` per device (names dev0, nano0, ... as the testbed)."""
     try:
-        from app.core.emulation import plan_devices
+        from app.testbed.emulation import plan_devices
     except ImportError:
         if set(presets) != {"unlimited"} or caps:
             raise
@@ -121,9 +121,9 @@ def emulated(presets: list[str], caps: str | None, threads: int = 1) -> list[Any
 
 
 def _emulation_env(e: Any) -> tuple[dict[str, str], Any]:
-    """Environment and preexec of a device (``app.core.emulation`` where importable)."""
+    """Environment and preexec of a device (``app.testbed.emulation`` where importable)."""
     try:
-        from app.core.emulation import emulation_env, make_preexec
+        from app.testbed.emulation import emulation_env, make_preexec
         return emulation_env(e), make_preexec(e.mem_bytes)
     except ImportError:
         t = str(e.threads)
@@ -134,7 +134,7 @@ def _emulation_env(e: Any) -> tuple[dict[str, str], Any]:
 
 def planner_specs(emu: list[Any], gflops: float, n_cpus: int) -> list[DeviceSpec]:
     """What ``plan_inputs.specs_for_devices`` gives for these testbed devices."""
-    from app.core.costmodel import spec_from_preset
+    from app.planner.costmodel import spec_from_preset
     specs = [spec_from_preset(e.name, e.preset, threads=e.threads, gflops_per_thread=gflops) for e in emu]
     for s, e in zip(specs, emu):
         s.mem_bytes, s.mem_is_virtual = e.mem_bytes, e.mem_bytes is not None
@@ -152,8 +152,8 @@ def planner_specs(emu: list[Any], gflops: float, n_cpus: int) -> list[DeviceSpec
 
 def launch_direct(emu: list[Any], cfg: dict, plan: Plan, runs_dir: Path) -> Any:
     """Start every rank as a local ``python -m workers.train`` under its emulation."""
-    from app.core.runstate import RunState
-    from app.core.telemetry import TelemetryParser
+    from app.run.runstate import RunState
+    from app.run.telemetry import TelemetryParser
     from workers.config import JobConfig
 
     names = [e.name for e in emu]
@@ -203,14 +203,14 @@ def launch_direct(emu: list[Any], cfg: dict, plan: Plan, runs_dir: Path) -> Any:
 def launch_testbed(emu_presets: list[str], caps: str | None, settings: Any, plan: Plan, work: Path,
                    tag: str, base_addr: str) -> Any:
     """The ``edgetrain run`` path on a fresh local testbed with these devices."""
-    from app.core import testbed
-    from app.core.jobs import prepare_run
+    from app.run.jobs import prepare_run
+    from app.testbed import daemon as testbed
 
     tb_dir = work / f"testbed-{tag}"
     info = testbed.start_testbed(tb_dir, device_presets=emu_presets, mem_overrides=caps, threads=1,
                                  base_addr=base_addr, port=0)
     try:
-        from app.core.inventory import load_inventory
+        from app.devices.inventory import load_inventory
         inv = load_inventory(info.inventory_path)
         launcher, state = prepare_run(inv, [d.name for d in info.devices], settings, work / "runs",
                                       plan=plan.to_dict())
@@ -242,7 +242,7 @@ def run_cell(model: str, par: str, presets: list[str], caps: str | None, batch: 
     if args.direct:
         state = launch_direct(emu, cfg, plan, work / "runs")
     else:
-        from app.core.jobs import RunSettings
+        from workers.config import RunSettings
         settings = RunSettings(**{k: v for k, v in cfg.items() if k != "stages"}, stages=plan.stages or None)
         state = launch_testbed(presets, caps, settings, plan, work, f"{model}-{par}", args.base_addr)
     devs = state.devices

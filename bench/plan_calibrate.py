@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -102,7 +101,7 @@ def child(spec: dict) -> dict:
     from workers import engine
     from workers.config import JobConfig
     from workers.data import global_batch, load_dataset
-    from workers.models import PRESETS, _MODEL_CLASSES, StagedModel, hf_config
+    from workers.models import _MODEL_CLASSES, PRESETS, StagedModel, hf_config
 
     marks: dict[str, dict[str, int]] = {}
     port = free_port()
@@ -279,7 +278,7 @@ def fit(results: list[dict]) -> None:
 
     import numpy as np
 
-    from app.core.plan_model import ModelShape
+    from app.planner.shape import ModelShape
     from workers.models import PRESETS
 
     rows, ys, orows, oys, info = [], [], [], [], []

@@ -43,11 +43,11 @@ def main() -> int:
 
     from PySide6.QtWidgets import QApplication
 
-    from app.core.jobs import RunSettings
-    from app.core.loop import AsyncLoop
-    from app.core.testbed import Testbed
     from app.qt.qt_main import QtMainWindow
     from app.qt.qt_style import apply_app_style
+    from app.testbed.local import Testbed
+    from app.workspace.loop import AsyncLoop
+    from workers.config import RunSettings
 
     app = QApplication.instance() or QApplication([])
     apply_app_style(app)
@@ -68,7 +68,7 @@ def main() -> int:
         wait_until(app, lambda: window.planner.latest is not None and not window.planner.busy, 10)
         if args.profile:  # fills the profile columns and the measured link bandwidths
             window.device_actions.reprofile(names)
-            if not wait_until(app, lambda: len(window.profiles) == len(names) and window.links is not None, 120):
+            if not wait_until(app, lambda: len(window.workspace.profiles) == len(names) and window.workspace.link_mbps, 120):
                 print("profiling did not finish in time", file=sys.stderr)
         # one drag-equivalent reorder, so the canvas shows a user-chosen order
         window.move_node(names[-1], len(names) - 1, 1)

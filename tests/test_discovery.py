@@ -11,11 +11,19 @@ import time
 
 import pytest
 
-from app.core.discovery import (EDGETRAIN_TYPE, SSH_TYPE, WORKSTATION_TYPE, DeviceList, MdnsBrowser, MdnsService,
-                                advertise, browse)
-from app.core.inventory import Device, Inventory, load_inventory
-from app.core.ssh import KnownHosts
-from app.core.testbed import Testbed
+from app.devices.discovery import (
+    EDGETRAIN_TYPE,
+    SSH_TYPE,
+    WORKSTATION_TYPE,
+    DeviceList,
+    MdnsBrowser,
+    MdnsService,
+    advertise,
+    browse,
+)
+from app.devices.inventory import Device, Inventory, load_inventory
+from app.devices.ssh import KnownHosts
+from app.testbed.local import Testbed
 
 LO = "127.0.0.1"
 

@@ -1,7 +1,7 @@
 """The spine end to end: real SSH (the testbed's servers), real worker processes.
 
 Each test starts its own in-process testbed on random loopback addresses, launches
-through :class:`app.core.launch.Launcher` exactly as ``edgetrain run`` does, and checks
+through :class:`app.run.launcher.Launcher` exactly as ``edgetrain run`` does, and checks
 what a user relies on: telemetry from every rank, identical replicas, clean failure.
 """
 from __future__ import annotations
@@ -13,10 +13,11 @@ import time
 import psutil
 import pytest
 
-from app.core.inventory import load_inventory
-from app.core.jobs import RunSettings, prepare_run
-from app.core.launch import LaunchError
-from app.core.testbed import Testbed
+from app.devices.inventory import load_inventory
+from app.run.jobs import prepare_run
+from app.run.launcher import LaunchError
+from app.testbed.local import Testbed
+from workers.config import RunSettings
 
 pytestmark = pytest.mark.slow
 
@@ -156,7 +157,7 @@ def test_stop_before_workers_start_leaves_nothing_running(tmp_path):
 def test_known_hosts_writers_do_not_undo_each_other(tmp_path):
     import asyncssh
 
-    from app.core.ssh import KnownHosts
+    from app.devices.ssh import KnownHosts
     k1, k2 = (asyncssh.generate_private_key("ssh-ed25519") for _ in range(2))
     path = tmp_path / "known_hosts"
     gui, cli = KnownHosts(path), KnownHosts(path)   # e.g. the GUI's and a CLI's view

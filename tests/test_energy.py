@@ -7,17 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from workers import energy
-from workers.energy import (EstimateMeter, GuardedMeter, RaplMeter, describe_sensors,
-                            estimate_meter, select_meter)
+from workers import energy_meters as meters
+from workers import energy_sensors as sensors
+from workers.energy import GuardedMeter, describe_sensors, select_meter
+from workers.energy_meters import EstimateMeter, estimate_meter
+from workers.energy_sensors import RaplMeter
 
 MAX_UJ = 262_143_328_850  # a real package's max_energy_range_uj
 
 
 @pytest.fixture(autouse=True)
 def _no_emulation_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(energy.ENV_P_IDLE, raising=False)
-    monkeypatch.delenv(energy.ENV_P_MAX, raising=False)
+    monkeypatch.delenv(meters.ENV_P_IDLE, raising=False)
+    monkeypatch.delenv(meters.ENV_P_MAX, raising=False)
 
 
 def write(path: Path, value: object) -> None:
@@ -105,7 +107,7 @@ def test_rapl_permission_error_via_reader_hook(tmp_path: Path) -> None:
     def reader(path: str) -> str:
         if path.endswith("energy_uj"):
             raise PermissionError(13, "Permission denied", path)
-        return energy.read_sysfs(path)
+        return meters.read_sysfs(path)
 
     info = describe_sensors(str(tmp_path), reader=reader)
     assert info["rapl"].startswith("unreadable:") and "root-only" in info["rapl"]
@@ -137,11 +139,11 @@ def test_sensor_error_hands_over_to_estimate(tmp_path: Path) -> None:
 
 def test_emulated_device_prefers_estimate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_rapl(tmp_path, [10])
-    monkeypatch.setenv(energy.ENV_P_IDLE, "3")
-    monkeypatch.setenv(energy.ENV_P_MAX, "9")
+    monkeypatch.setenv(meters.ENV_P_IDLE, "3")
+    monkeypatch.setenv(meters.ENV_P_MAX, "9")
     meter = select_meter("cpu", sysfs_root=str(tmp_path))
     assert isinstance(meter, EstimateMeter) and (meter.p_idle_w, meter.p_max_w) == (3, 9)
-    assert energy.ENV_P_IDLE in meter.detail
+    assert meters.ENV_P_IDLE in meter.detail
     explicit = select_meter("cpu", sysfs_root=str(tmp_path), prefer="rapl")
     assert explicit.source == "rapl"
     explicit.close()
@@ -185,8 +187,8 @@ def test_ina3221_hwmon_integrates_changing_power(tmp_path: Path) -> None:
 
 def test_ina3221_without_input_rail_sums_rails(tmp_path: Path) -> None:
     make_hwmon(tmp_path, {"VDD_GPU_SOC": (5000, 600), "VDD_CPU_CV": (5000, 200)})
-    rails = energy.find_ina3221_rails(str(tmp_path))
-    power, what = energy.ina3221_power(rails)
+    rails = sensors.find_ina3221_rails(str(tmp_path))
+    power, what = sensors.ina3221_power(rails)
     assert power() == pytest.approx(4.0) and "sum of rails" in what
 
 
@@ -223,7 +225,7 @@ def test_estimate_busy_loop_between_idle_and_max() -> None:
 
 def test_estimate_defaults_say_so() -> None:
     meter = estimate_meter()
-    assert (meter.p_idle_w, meter.p_max_w) == (energy.DEFAULT_P_IDLE_W, energy.DEFAULT_P_MAX_W)
+    assert (meter.p_idle_w, meter.p_max_w) == (meters.DEFAULT_P_IDLE_W, meters.DEFAULT_P_MAX_W)
     assert "generic default" in meter.detail
     with pytest.raises(ValueError):
         EstimateMeter(0.0, 10.0)  # would report 0 J while idle

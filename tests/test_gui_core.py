@@ -8,11 +8,11 @@ import threading
 import numpy as np
 import pytest
 
-from app.core.inventory import Device
-from app.core.jobs import RunSettings
-from app.core.loop import AsyncLoop, LoopError
-from app.core.preview import compute_preview
-from app.core.series import Ring, SeriesStore, record_points
+from app.devices.inventory import Device
+from app.workspace.loop import AsyncLoop, LoopError
+from app.workspace.preview import compute_preview
+from app.workspace.series import Ring, SeriesStore, record_points
+from workers.config import RunSettings
 
 
 def test_loop_runs_coroutines_on_its_own_thread():
@@ -98,13 +98,13 @@ def test_preview_orders_and_flags():
     devs = [Device("a", "127.0.0.1", labels={"preset": "jetson-nano"}),
             Device("b", "127.0.0.2", labels={"preset": "laptop"})]
     pv = compute_preview(RunSettings(model="gpt2-s", parallelism="dp"), ["a", "b"], devs, devs)
-    assert [d.device for d in pv.devices] == ["a", "b"]
+    assert [d.name for d in pv.devices] == ["a", "b"]
     a = pv.device("a")
-    assert a.capacity_bytes == 4 * 2**30 and a.mem_bytes > 0
+    assert a.limit_bytes == 4 * 2**30 and a.capped_peak_bytes > 0
     assert pv.recommendation
     pp = compute_preview(RunSettings(model="gpt2-s", parallelism="pp"), ["b", "a"])
     assert pp.stages and [s["ranks"] for s in pp.stages] == [[0], [1]]
     assert sorted(pp.suggested_order) == ["a", "b"]
     empty = compute_preview(RunSettings(), [])
     assert not empty.devices and "Tick" in empty.recommendation
-    assert np.isfinite(pv.latency_per_sample_s)
+    assert np.isfinite(pv.total("latency_per_sample_s"))

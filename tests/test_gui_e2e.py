@@ -19,10 +19,10 @@ pytest.importorskip("PySide6")
 pytest.importorskip("pyqtgraph")
 
 
-from app.core.jobs import RunSettings  # noqa: E402
-from app.core.loop import AsyncLoop  # noqa: E402
-from app.core.testbed import Testbed  # noqa: E402
 from app.qt.qt_main import QtMainWindow  # noqa: E402
+from app.testbed.local import Testbed  # noqa: E402
+from app.workspace.loop import AsyncLoop  # noqa: E402
+from workers.config import RunSettings  # noqa: E402
 
 pytestmark = [pytest.mark.gui, pytest.mark.slow]
 RUN_TIMEOUT_MS = 240_000   # two cores shared with other work: be patient, fail loudly
@@ -74,7 +74,7 @@ def test_run_from_window_shows_live_points_and_summary(qtbot, testbed, tmp_path)
                     RunSettings(model="tiny-gpt2", parallelism="dp", steps=30, batch_size=32, sync_every=2))
     w.launch_action.trigger()
     assert w.run.running and not w.launch_action.isEnabled()
-    assert w.devices_panel.model.status(w.devices.get("dev0")) == "busy"
+    assert w.devices_panel.model.status(w.workspace.devices.get("dev0")) == "busy"
     # live: points on the latency and energy charts while the run is still going
     qtbot.waitUntil(lambda: w.charts.point_count("latency") >= 2 and w.charts.point_count("energy") >= 2,
                     timeout=RUN_TIMEOUT_MS)
@@ -85,7 +85,7 @@ def test_run_from_window_shows_live_points_and_summary(qtbot, testbed, tmp_path)
     assert s["outcome"] == "done", w.event_log.rows()
     assert s["steps"] == 30 and s["energy_per_sample_j"] > 0
     assert "done" in w.summary.headline.text() and w.summary.table.rowCount() == 2
-    assert w.topology.node("dev0").status == "done" and not w.run.running
+    assert w.workspace.topology.node("dev0").status == "done" and not w.run.running
     assert w.launch_action.isEnabled()
     qtbot.waitUntil(lambda: w.charts.point_count("latency") >= 30, timeout=5000)  # every step, both devices
     # references from the plan are drawn next to the measurements
@@ -111,7 +111,7 @@ def test_oom_shows_marker_and_event_naming_device(qtbot, testbed, tmp_path):
     assert any(kind == "oom" and dev == "dev2" for _t, kind, dev in w.charts.markers)
     rows = [r for r in w.event_log.rows() if r[1] == "oom"]
     assert rows and rows[0][0] == "dev2" and "dev2" in rows[0][2] and "out of memory" in rows[0][2]
-    assert w.topology.node("dev2").status == "oom"
+    assert w.workspace.topology.node("dev2").status == "oom"
     w.close()
 
 

@@ -20,10 +20,10 @@ from PySide6.QtGui import QMouseEvent  # noqa: E402
 from PySide6.QtTest import QTest  # noqa: E402
 from PySide6.QtWidgets import QApplication, QStyle, QStyleOptionViewItem  # noqa: E402
 
-from app.core.loop import AsyncLoop  # noqa: E402
-from app.core.ssh import fingerprint  # noqa: E402
+from app.devices.ssh import fingerprint  # noqa: E402
 from app.qt.qt_canvas import NODE_H, NODE_W  # noqa: E402
 from app.qt.qt_main import QtMainWindow  # noqa: E402
+from app.workspace.loop import AsyncLoop  # noqa: E402
 
 pytestmark = pytest.mark.gui
 PRESETS = ["jetson-nano", "laptop", "jetson-tx2", "jetson-nx"]
@@ -102,14 +102,14 @@ def test_ticking_devices_changes_participants(qtbot, tmp_path):
     assert w.devices_panel.model.rowCount() == 4
     for row in (2, 0, 3):
         click_check(qtbot, view, row)
-    assert w.topology.participants == ["dev2", "dev0", "dev3"]
+    assert w.workspace.topology.participants == ["dev2", "dev0", "dev3"]
     assert w.devices_panel.model.data(view.model().index(2, 0), Qt.CheckStateRole) == Qt.Checked
     assert len(w.scene.items_by_id()) == 3
     click_check(qtbot, view, 0)                         # untick
-    assert w.topology.participants == ["dev2", "dev3"]
+    assert w.workspace.topology.participants == ["dev2", "dev3"]
     assert w.scene.item("dev0") is None
     w.undo.undo()                                       # ticks are undoable too: dev0 comes back in place
-    assert w.topology.participants == ["dev2", "dev0", "dev3"]
+    assert w.workspace.topology.participants == ["dev2", "dev0", "dev3"]
     close_window(w)
 
 
@@ -120,15 +120,15 @@ def test_drag_reorders_and_ctrl_z_restores(qtbot, tmp_path):
     for n in ("dev0", "dev1", "dev2", "dev3"):
         w.toggle_participant(n, True)
     w.undo.clear()
-    before = w.topology.participants
+    before = w.workspace.topology.participants
     drag(w.canvas, node_center(w, "dev0"), slot_center(w, 2))
-    assert w.topology.participants == ["dev1", "dev2", "dev0", "dev3"]
+    assert w.workspace.topology.participants == ["dev1", "dev2", "dev0", "dev3"]
     assert w.undo.count() == 1                           # one command per drag, pushed on release
     assert w.scene.item("dev0").pos() == w.scene.slot_pos(2)   # the scene mirrors the model
     QTest.keyClick(w, Qt.Key_Z, Qt.ControlModifier)
-    assert w.topology.participants == before
+    assert w.workspace.topology.participants == before
     QTest.keyClick(w, Qt.Key_Z, Qt.ControlModifier | Qt.ShiftModifier)
-    assert w.topology.participants == ["dev1", "dev2", "dev0", "dev3"]
+    assert w.workspace.topology.participants == ["dev1", "dev2", "dev0", "dev3"]
     # a drop on its own slot changes nothing and pushes nothing
     drag(w.canvas, node_center(w, "dev3"), slot_center(w, 3) + QPointF(10, 5))
     assert w.undo.count() == 1 and w.scene.item("dev3").pos() == w.scene.slot_pos(3)
@@ -145,14 +145,14 @@ def test_plan_preview_follows_reorder(qtbot, tmp_path):
     qtbot.waitUntil(lambda: w.plan_view.rows() == ["dev0", "dev1", "dev2", "dev3"] and not w.planner.busy,
                     timeout=10000)
     first = w.plan_view.preview
-    assert w.topology.node("dev0").mem_pred_bytes and w.topology.node("dev0").mem_capacity_bytes == 4 * 2**30
+    assert w.workspace.topology.node("dev0").mem_pred_bytes and w.workspace.topology.node("dev0").mem_capacity_bytes == 4 * 2**30
     drag(w.canvas, node_center(w, "dev1"), slot_center(w, 0))   # the laptop becomes stage 1
-    assert w.topology.participants[0] == "dev1"
+    assert w.workspace.topology.participants[0] == "dev1"
     qtbot.waitUntil(lambda: w.plan_view.rows()[0] == "dev1" and not w.planner.busy, timeout=10000)
     second = w.plan_view.preview
     assert second is not first
-    assert second.stages and second.devices[0].device == "dev1"
-    assert w.topology.node("dev1").stage == 0 and w.topology.node("dev1").layers[0] == 0
+    assert second.stages and second.devices[0].name == "dev1"
+    assert w.workspace.topology.node("dev1").stage == 0 and w.workspace.topology.node("dev1").layers[0] == 0
     # the references on the charts follow the plan
     assert ("latency", "dev1") in w.charts.references()
     close_window(w)
@@ -167,28 +167,28 @@ def test_auto_arrange_is_one_undoable_command(qtbot, tmp_path):
         w.toggle_participant(n, True)
     qtbot.waitUntil(lambda: w.planner.latest is not None and not w.planner.busy, timeout=10000)
     w.undo.clear()
-    before = w.topology.participants
+    before = w.workspace.topology.participants
     w.auto_arrange()
     suggested = w.planner.latest.suggested_order
     assert sorted(suggested) == sorted(before)
-    assert w.topology.participants == suggested
+    assert w.workspace.topology.participants == suggested
     if suggested != before:
         assert w.undo.count() == 1
         w.undo.undo()
-        assert w.topology.participants == before
+        assert w.workspace.topology.participants == before
     close_window(w)
 
 
 def test_64_devices_build_and_reorder(qtbot, tmp_path):
     w = open_window(qtbot, tmp_path, write_inventory(tmp_path / "inv.yaml", 64))
     assert w.devices_panel.model.rowCount() == 64
-    w.topology.set_participants([f"dev{i}" for i in range(64)])
+    w.workspace.topology.set_participants([f"dev{i}" for i in range(64)])
     qtbot.waitUntil(lambda: len(w.plan_view.rows()) == 64 and not w.planner.busy, timeout=20000)
     assert len(w.scene.items_by_id()) == 64
     drag(w.canvas, node_center(w, "dev5"), slot_center(w, 0))
-    assert w.topology.participants[0] == "dev5" and w.topology.participants[1] == "dev0"
+    assert w.workspace.topology.participants[0] == "dev5" and w.workspace.topology.participants[1] == "dev0"
     w.undo.undo()
-    assert w.topology.participants[5] == "dev5"
+    assert w.workspace.topology.participants[5] == "dev5"
     close_window(w)
 
 
@@ -202,9 +202,9 @@ def test_results_for_gone_devices_are_dropped(qtbot, tmp_path):
     w._on_event({"t": 0.0, "device": "ghost", "kind": "oom", "message": "ghost: out of memory"})
     w._on_record({"type": "step", "device": "ghost", "t": 1.0, "samples": 4, "latency_s": 0.1,
                   "latency_per_sample_s": 0.025})
-    w.topology.set_prediction("dev0", 1, 2, True)
+    w.workspace.topology.set_prediction("dev0", 1, 2, True)
     w.devices_panel.model.on_changed("ghost")
-    w.devices.remove("dev1")
+    w.workspace.devices.remove("dev1")
     qtbot.waitUntil(lambda: w.devices_panel.model.rowCount() == 1, timeout=3000)
     w.charts.repaint_now()
     assert w.scene.item("dev0") is None and w.event_log.rows()[-1][0] == "ghost"
@@ -222,14 +222,14 @@ def test_session_save_and_restore(qtbot, tmp_path):
     path = w.save_session(tmp_path / "ses.yaml")
     close_window(w)
     w2 = open_window(qtbot, tmp_path, inv, session=path)
-    assert w2.topology.participants == ["dev2", "dev0"]
+    assert w2.workspace.topology.participants == ["dev2", "dev0"]
     got = w2.run_config.settings()
     assert (got.parallelism, got.batch_size, got.micro_batches) == ("pp", 48, 6)
     close_window(w2)
 
 
 def test_trust_dialog_shows_fingerprint(qtbot, tmp_path):
-    from app.core.testbed import Testbed
+    from app.testbed.local import Testbed
 
     tb_loop = AsyncLoop("testbed-loop").start()
     base = f"127.{random.randint(40, 250)}.{random.randint(0, 250)}.1"
@@ -243,7 +243,7 @@ def test_trust_dialog_shows_fingerprint(qtbot, tmp_path):
         (tmp_path / "inv.yaml").write_text(yaml.safe_dump(inv))
         w = open_window(qtbot, tmp_path, tmp_path / "inv.yaml")
         w.device_actions.check()
-        qtbot.waitUntil(lambda: w.devices.get("dev0").status == "untrusted", timeout=15000)
+        qtbot.waitUntil(lambda: w.workspace.devices.get("dev0").status == "untrusted", timeout=15000)
         w.devices_panel.select("dev0")
         w.devices_panel.buttons["trust"].click()
         qtbot.waitUntil(lambda: w.device_actions.trust_dialog is not None
@@ -253,8 +253,8 @@ def test_trust_dialog_shows_fingerprint(qtbot, tmp_path):
         assert expected.startswith("SHA256:")
         assert dlg.fingerprint_label.text() == expected
         dlg.trust_button.click()
-        assert expected.split(":", 1)[1] and w.known_hosts.lookup(tb.devices[0].host, tb.devices[0].port)
-        qtbot.waitUntil(lambda: w.devices.get("dev0").status == "online", timeout=15000)
+        assert expected.split(":", 1)[1] and w.workspace.known_hosts.lookup(tb.devices[0].host, tb.devices[0].port)
+        qtbot.waitUntil(lambda: w.workspace.devices.get("dev0").status == "online", timeout=15000)
         close_window(w)
     finally:
         tb_loop.submit(tb.stop()).result(30)
@@ -262,8 +262,8 @@ def test_trust_dialog_shows_fingerprint(qtbot, tmp_path):
 
 
 def test_gui_subcommand(monkeypatch, capsys):
-    from app.cli import build_parser
-    from app.cmd_gui import cmd_gui
+    from app.cli.gui import cmd_gui
+    from app.cli.main import build_parser
 
     args = build_parser().parse_args(["gui", "--inventory", "x.yaml"])
     assert args.func is cmd_gui and args.inventory == "x.yaml"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.core.inventory import Device, Inventory, InventoryError, load_inventory
+from app.devices.inventory import Device, Inventory, InventoryError, load_inventory
 
 
 @pytest.fixture

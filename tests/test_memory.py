@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from workers import memory
-from workers.memory import (PeakTracker, is_oom_error, memory_limit_bytes, peak_rss_bytes,
-                            rss_bytes)
+from workers.memory import PeakTracker, is_oom_error, memory_limit_bytes, peak_rss_bytes, rss_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = int(1.5 * 1024**3)

@@ -6,13 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.models import (
-    PRESETS,
-    StagedModel,
-    build_model,
-    param_count,
-    pool_position,
-)
+from workers.models import PRESETS, StagedModel, build_model, param_count, pool_position
 
 TINY = ("tiny-gpt2", "tiny-bert", "tiny-opt")
 

@@ -14,11 +14,11 @@ import time
 import asyncssh
 import pytest
 
-from app.core import netns
-from app.core.discovery import DeviceList, MdnsBrowser
-from app.core.inventory import load_inventory
-from app.core.profile import CONTROLLER, profile_devices
-from app.core.ssh import KnownHosts
+from app.devices.discovery import DeviceList, MdnsBrowser
+from app.devices.inventory import load_inventory
+from app.devices.profile import CONTROLLER, profile_devices
+from app.devices.ssh import KnownHosts
+from app.testbed import netns
 
 REASON = netns.unavailable_reason()
 pytestmark = [pytest.mark.root, pytest.mark.slow,
@@ -103,7 +103,7 @@ def test_mdns_finds_devices_within_2s_merged_with_inventory(tier):
 
 
 def test_cli_down_removes_everything(tier):
-    from app.cli import main
+    from app.cli.main import main
 
     pids = [p for d in tier.devices for p in (d.sshd_pid, d.advertiser_pid) if p]
     assert main(["netns-testbed", "status", "--dir", str(tier.dir)]) == 0

@@ -8,10 +8,11 @@ import time
 
 import pytest
 
-from app.core.inventory import load_inventory
-from app.core.jobs import RunSettings, prepare_run
-from app.core.testbed import Testbed
+from app.devices.inventory import load_inventory
+from app.run.jobs import prepare_run
+from app.testbed.local import Testbed
 from tests.test_e2e_spine import base_addr, gone
+from workers.config import RunSettings
 
 pytestmark = pytest.mark.slow
 

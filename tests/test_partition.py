@@ -5,10 +5,11 @@ import random
 
 import pytest
 
-from app.core.costmodel import GIB, DeviceSpec, Links
-from app.core.partition import brute_force, partition, propose_order, stages_json
-from app.core.plan import make_plan
-from workers.config import JobConfig
+from app.planner.costmodel import GIB, DeviceSpec
+from app.planner.links import Links
+from app.planner.partition import brute_force, partition, propose_order, stages_json
+from app.planner.plan import make_plan
+from workers.config import JobConfig, RunSettings
 
 
 def _random_case(rng: random.Random, n_stages: int, n_blocks: int):
@@ -71,18 +72,18 @@ def test_twice_as_fast_device_gets_about_twice_the_layers():
     # 8 : 4 of gpt2-s's 12 blocks, give or take the stage holding the embeddings
     # (their dense gradient costs time): 9 : 3 when the slow device holds them
     specs = [_spec("slow", 100.0), _spec("fast", 200.0)]
-    plan = make_plan("gpt2-s", "pp", specs, Links(default_mbps=1e5), {"batch_size": 32}, propose=False)
+    plan = make_plan("gpt2-s", "pp", specs, Links(default_mbps=1e5), RunSettings(batch_size=32), propose=False)
     slow, fast = _blocks(plan)
     assert slow + fast == 12
     assert (slow, fast) in ((4, 8), (3, 9))
-    plan = make_plan("gpt2-s", "pp", specs[::-1], Links(default_mbps=1e5), {"batch_size": 32}, propose=False)
+    plan = make_plan("gpt2-s", "pp", specs[::-1], Links(default_mbps=1e5), RunSettings(batch_size=32), propose=False)
     fast, slow = _blocks(plan)
     assert (slow, fast) in ((4, 8), (5, 7))
 
 
 def test_proportional_over_four_devices():
     specs = [_spec("a", 100.0), _spec("b", 300.0), _spec("c", 200.0), _spec("d", 100.0)]
-    plan = make_plan("gpt2-l", "pp", specs, Links(default_mbps=1e5), {"batch_size": 32}, propose=False)
+    plan = make_plan("gpt2-l", "pp", specs, Links(default_mbps=1e5), RunSettings(batch_size=32), propose=False)
     blocks = _blocks(plan)
     assert sum(blocks) == 36
     # 1 : 3 : 2 : 1 of 36 blocks is about 5 : 15 : 10 : 5
@@ -92,10 +93,10 @@ def test_proportional_over_four_devices():
 
 def test_device_with_little_memory_gets_fewer_layers():
     free = [_spec("a"), _spec("b")]
-    even = _blocks(make_plan("gpt2-s", "pp", free, settings={"batch_size": 32}, propose=False))
+    even = _blocks(make_plan("gpt2-s", "pp", free, settings=RunSettings(batch_size=32), propose=False))
     assert even in ([6, 6], [5, 7], [7, 5])
     small = [_spec("a"), _spec("b", mem=int(1.6 * GIB))]
-    plan = make_plan("gpt2-s", "pp", small, settings={"batch_size": 32}, propose=False)
+    plan = make_plan("gpt2-s", "pp", small, settings=RunSettings(batch_size=32), propose=False)
     blocks = _blocks(plan)
     assert blocks[1] < even[1]
     assert not plan.oom and plan.feasible
@@ -104,7 +105,7 @@ def test_device_with_little_memory_gets_fewer_layers():
 
 def test_no_split_fits_reports_oom_with_the_fastest_split():
     specs = [_spec("a", mem=int(1.2 * GIB)), _spec("b", mem=int(1.2 * GIB))]
-    plan = make_plan("gpt2-s", "pp", specs, settings={"batch_size": 32}, propose=False)
+    plan = make_plan("gpt2-s", "pp", specs, settings=RunSettings(batch_size=32), propose=False)
     assert plan.oom and not plan.feasible
     assert sum(_blocks(plan)) == 12
 
@@ -112,7 +113,7 @@ def test_no_split_fits_reports_oom_with_the_fastest_split():
 def test_proposed_order_moves_the_big_memory_device_to_the_embedding_stage():
     # the embeddings (39 M parameters) sit on stage 0: a small first device cannot hold them
     specs = [_spec("small", mem=int(1.0 * GIB)), _spec("big1", mem=16 * GIB), _spec("big2", mem=16 * GIB)]
-    plan = make_plan("gpt2-s", "pp", specs, settings={"batch_size": 8})
+    plan = make_plan("gpt2-s", "pp", specs, settings=RunSettings(batch_size=8))
     assert plan.proposed_order is not None
     assert plan.proposed_order[0] != "small"
     assert plan.devices == ["small", "big1", "big2"]  # proposed, not applied
@@ -141,7 +142,7 @@ def test_stages_json_is_what_jobconfig_validates():
 
 def test_hybrid_chooses_stage_groups_of_equal_size():
     specs = [_spec(f"d{i}") for i in range(8)]
-    plan = make_plan("gpt2-s", "hybrid", specs, settings={"batch_size": 64}, propose=False)
+    plan = make_plan("gpt2-s", "hybrid", specs, settings=RunSettings(batch_size=64), propose=False)
     sizes = {len(s["ranks"]) for s in plan.stages}
     assert len(sizes) == 1 and 1 < sizes.pop() < 8
     ranks = sorted(r for s in plan.stages for r in s["ranks"])

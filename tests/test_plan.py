@@ -8,25 +8,25 @@ from pathlib import Path
 
 import pytest
 
-from app.core import costmodel as cm
-from app.core.costmodel import GIB, DeviceSpec, Links, RankLoad
-from app.core.emulation import PRESETS as DEVICE_PRESETS
-from app.core.plan import PLAN_VERSION, Plan, compare, make_plan, plan_stages
-from app.core.plan_model import resolve_model
-from app.core.plan_parallel import PARALLELISMS
-from workers.config import JobConfig
+from app.boards import BOARDS
+from app.planner import costmodel as cm
+from app.planner.costmodel import GIB, DeviceSpec, RankLoad
+from app.planner.links import Links
+from app.planner.plan import PLAN_VERSION, Plan, compare, make_plan, plan_stages
+from app.planner.shape import resolve_model
+from workers.config import PARALLELISMS, JobConfig, RunSettings
 from workers.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _nano(name: str, **kw) -> DeviceSpec:
-    return cm.spec_from_preset(name, DEVICE_PRESETS["jetson-nano"], **kw)
+    return cm.spec_from_preset(name, BOARDS["jetson-nano"], **kw)
 
 
 def _testbed() -> list[DeviceSpec]:
-    return [_nano("nano0"), _nano("nano1"), cm.spec_from_preset("tx2-0", DEVICE_PRESETS["jetson-tx2"]),
-            cm.spec_from_preset("nx0", DEVICE_PRESETS["jetson-nx"])]
+    return [_nano("nano0"), _nano("nano1"), cm.spec_from_preset("tx2-0", BOARDS["jetson-tx2"]),
+            cm.spec_from_preset("nx0", BOARDS["jetson-nx"])]
 
 
 # --------------------------------------------------------------------------- model counts
@@ -100,7 +100,7 @@ def test_unknown_memory_never_ooms():
 
 
 def test_plan_json_round_trip_and_job_fields():
-    plan = make_plan("tiny-gpt2", "pp", _testbed(), settings={"micro_batches": 8, "schedule": "1f1b"})
+    plan = make_plan("tiny-gpt2", "pp", _testbed(), settings=RunSettings(micro_batches=8, schedule="1f1b"))
     data = json.loads(plan.to_json())
     assert data["version"] == PLAN_VERSION
     for key in ("parallelism", "model", "settings", "devices", "stages", "predictions", "totals", "explanation"):
@@ -123,9 +123,10 @@ def test_plan_json_round_trip_and_job_fields():
 
 def test_1f1b_keeps_fewer_activations_than_gpipe():
     specs = [DeviceSpec(f"d{i}", 200.0, None) for i in range(4)]
-    st = {"micro_batches": 8, "batch_size": 64}
-    gpipe = make_plan("gpt2-s", "pp", specs, settings={**st, "schedule": "gpipe"}, propose=False)
-    ofob = make_plan("gpt2-s", "pp", specs, settings={**st, "schedule": "1f1b"}, propose=False)
+    gpipe = make_plan("gpt2-s", "pp", specs, settings=RunSettings(micro_batches=8, batch_size=64, schedule="gpipe"),
+                      propose=False)
+    ofob = make_plan("gpt2-s", "pp", specs, settings=RunSettings(micro_batches=8, batch_size=64, schedule="1f1b"),
+                     propose=False)
     assert ofob.predictions[0].peak_rss_bytes < gpipe.predictions[0].peak_rss_bytes
     assert ofob.totals["step_s"] == pytest.approx(gpipe.totals["step_s"])
 
@@ -133,8 +134,8 @@ def test_1f1b_keeps_fewer_activations_than_gpipe():
 def test_dp_sync_every_amortises_the_all_reduce():
     specs = [DeviceSpec(f"d{i}", 200.0, None) for i in range(4)]
     slow = Links(default_mbps=100.0)
-    k1 = make_plan("gpt2-s", "dp", specs, slow, {"sync_every": 1})
-    k5 = make_plan("gpt2-s", "dp", specs, slow, {"sync_every": 5})
+    k1 = make_plan("gpt2-s", "dp", specs, slow, RunSettings(sync_every=1))
+    k5 = make_plan("gpt2-s", "dp", specs, slow, RunSettings(sync_every=5))
     assert k5.totals["comm_s"] == pytest.approx(k1.totals["comm_s"] / 5)
     assert k5.totals["comm_bytes_per_step"] == pytest.approx(k1.totals["comm_bytes_per_step"] / 5)
 
@@ -182,7 +183,7 @@ def test_compare_ranks_feasible_parallelisms_with_one_line_each():
 def test_64_devices_36_layers_every_parallelism():
     specs = [DeviceSpec(f"d{i}", 100.0 + 10 * (i % 7), (4 + 4 * (i % 3)) * GIB, threads=1 + i % 2,
                         mem_is_virtual=True) for i in range(64)]
-    cmp = compare("gpt2-l", specs, Links(), {"batch_size": 128})
+    cmp = compare("gpt2-l", specs, Links(), RunSettings(batch_size=128))
     by = {p.parallelism: p for p in cmp.plans}
     assert len(by["dp"].predictions) == 64
     assert by["hybrid"].stages and sum(len(s["ranks"]) for s in by["hybrid"].stages) == 64
@@ -193,13 +194,12 @@ def test_64_devices_36_layers_every_parallelism():
 
 
 def test_plan_stages_for_jobs():
-    from app.core.jobs import RunSettings, default_stages_for
 
     pp = RunSettings(model="gpt2-s", parallelism="pp")
     stages = plan_stages(pp, 4)
     assert [s["ranks"] for s in stages] == [[0], [1], [2], [3]]
     assert stages[0]["layers"][0] == 0 and stages[-1]["layers"][1] == 12
-    assert default_stages_for(pp, 4) == stages
+    assert plan_stages(pp, 4) == stages
     assert plan_stages(RunSettings(model="gpt2-s", parallelism="dp"), 4) == []
     hyb = plan_stages(RunSettings(model="tiny-gpt2", parallelism="hybrid"), 4)
     assert sorted(r for s in hyb for r in s["ranks"]) == [0, 1, 2, 3] and len(hyb) == 2
@@ -210,9 +210,9 @@ def test_plan_stages_for_jobs():
 
 
 def test_planner_is_torch_free_and_qt_free():
-    code = ("import sys, app.core.plan, app.core.plan_inputs, app.cmd_plan\n"
-            "from app.core.plan import compare\n"
-            "compare('gpt2-s', [app.core.costmodel.DeviceSpec('a', 200.0, None)])\n"
+    code = ("import sys, app.planner.plan, app.planner.inputs, app.cli.plan\n"
+            "from app.planner.plan import compare\n"
+            "compare('gpt2-s', [app.planner.costmodel.DeviceSpec('a', 200.0, None)])\n"
             "print(sorted(m for m in ('torch', 'PySide6', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -234,7 +234,7 @@ def inventory(tmp_path: Path) -> Path:
 
 
 def test_cli_plan_prints_memory_latency_energy_and_oom(inventory, capsys):
-    from app.cli import main
+    from app.cli.main import main
 
     rc = main(["plan", "--inventory", str(inventory), "--model", "tiny-gpt2", "--parallelism", "pp",
                "--devices", "nano0,nano1"])
@@ -248,7 +248,7 @@ def test_cli_plan_prints_memory_latency_energy_and_oom(inventory, capsys):
 
 
 def test_cli_compare_and_json(inventory, capsys, tmp_path):
-    from app.cli import main
+    from app.cli.main import main
 
     rc = main(["plan", "--inventory", str(inventory), "--model", "tiny-gpt2", "--compare", "--objective", "energy"])
     out, err = capsys.readouterr()
@@ -266,16 +266,16 @@ def test_cli_compare_and_json(inventory, capsys, tmp_path):
 
 
 def test_testbed_devices_share_the_host_cpus(inventory):
-    from app.core.inventory import load_inventory
-    from app.core.plan_inputs import specs_for_devices
+    from app.devices.inventory import load_inventory
+    from app.planner.inputs import specs_for_devices
 
     inv = load_inventory(inventory)
-    specs, links = specs_for_devices(inv.devices[:2], inv.devices, use_cache=False, n_cpus=1,
+    specs, links = specs_for_devices(inv.devices[:2], inv.devices, n_cpus=1,
                                      gflops_per_thread=100.0)
     assert [s.threads for s in specs] == [1, 1]
     assert all(s.gflops == pytest.approx(50.0) and s.mem_is_virtual for s in specs)
     assert links.default_mbps > 1000  # loopback
-    specs, _ = specs_for_devices(inv.devices, inv.devices, use_cache=False, n_cpus=8)
+    specs, _ = specs_for_devices(inv.devices, inv.devices, n_cpus=8)
     assert not specs[2].profiled and "no profile" in specs[2].source
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from app.core.inventory import load_inventory
-from app.core.preflight import format_reports, preflight
-from app.core.ssh import KnownHosts
-from app.core.testbed import Testbed, start_testbed, stop_testbed
+from app.devices.inventory import load_inventory
+from app.devices.preflight import format_reports, preflight
+from app.devices.ssh import KnownHosts
+from app.testbed.daemon import start_testbed, stop_testbed
+from app.testbed.local import Testbed
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

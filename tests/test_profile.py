@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from app.core.inventory import load_inventory
-from app.core.profile import CONTROLLER, DeviceProfile, LinkMatrix, ProfileCache, profile_devices
-from app.core.ssh import HostKeyError, KnownHosts
-from app.core.testbed import start_testbed, stop_testbed
+from app.devices.inventory import load_inventory
+from app.devices.profile import CONTROLLER, DeviceProfile, LinkMatrix, ProfileCache, profile_devices
+from app.devices.ssh import HostKeyError, KnownHosts
+from app.testbed.daemon import start_testbed, stop_testbed
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

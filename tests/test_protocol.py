@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from app.core.telemetry import TelemetryParser
+from app.run.telemetry import TelemetryParser
 from workers.protocol import Emitter, ProtocolError, parse_line
 
 

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from app.core.jobs import RunSettings
-from app.core.runstate import RunState
-from app.core.session import (Session, SessionError, iter_telemetry, list_runs, load_session, save_session,
-                              settings_from_dict, settings_to_dict)
+from app.run.runstate import RunState
+from app.workspace.history import iter_telemetry, list_runs
+from app.workspace.session import Session, SessionError, load_session, save_session
+from workers.config import RunSettings
 
 
 def test_session_round_trip(tmp_path):
@@ -26,7 +26,7 @@ def test_session_round_trip(tmp_path):
 def test_session_overwrite_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "session.yaml"
     save_session(path, Session(participants=["a"]))
-    import app.core.session as mod
+    import app.workspace.session as mod
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -54,8 +54,8 @@ def test_bad_session_files(tmp_path, text, needle):
 
 def test_settings_dict_round_trip():
     s = RunSettings(lr=None, stages=[{"ranks": [0], "layers": [0, 4]}])
-    assert settings_from_dict(settings_to_dict(s)) == s
-    assert settings_from_dict({"lr": 1}).lr == 1.0
+    assert RunSettings.from_dict(s.to_dict()) == s
+    assert RunSettings.from_dict({"lr": 1}).lr == 1.0
 
 
 def _run(tmp_path, run_id: str, outcome: str, started: float) -> None:

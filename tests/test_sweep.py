@@ -7,11 +7,11 @@ import csv
 
 import pytest
 
-from app.core.inventory import load_inventory
-from app.core.jobs import RunSettings
-from app.core.sweep import plan_cells, run_sweep, write_report
-from app.core.testbed import Testbed
+from app.devices.inventory import load_inventory
+from app.run.sweep import plan_cells, run_sweep, write_report
+from app.testbed.local import Testbed
 from tests.test_e2e_spine import base_addr
+from workers.config import RunSettings
 
 pytestmark = pytest.mark.slow
 

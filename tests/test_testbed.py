@@ -22,14 +22,11 @@ import psutil
 import pytest
 import yaml
 
-from app.core.emulation import PRESETS, parse_size, plan_devices
-from app.core.testbed import (
-    Testbed,
-    TestbedError,
-    start_testbed,
-    stop_testbed,
-    testbed_status as status_of,
-)
+from app.boards import BOARDS
+from app.testbed.daemon import start_testbed, stop_testbed
+from app.testbed.daemon import testbed_status as status_of
+from app.testbed.emulation import parse_size, plan_devices
+from app.testbed.local import Testbed, TestbedError
 
 pytestmark = pytest.mark.slow
 
@@ -163,8 +160,8 @@ def test_each_device_has_its_own_address_and_emulation(
             assert (name, addr, home, preset) == (dev.name, dev.host, str(dev.home), dev.preset)
             assert ssh_conn.split()[2:] == [dev.host, str(dev.port)]  # the server's socket
             assert thr == omp == str(dev.threads)
-            assert int(mem) == dev.mem_bytes == PRESETS[dev.preset].mem_bytes
-            assert float(pmax) == PRESETS[dev.preset].p_max_w
+            assert int(mem) == dev.mem_bytes == BOARDS[dev.preset].mem_bytes
+            assert float(pmax) == BOARDS[dev.preset].p_max_w
         inv = yaml.safe_load(tb.inventory_path.read_text())
         assert inv["version"] == 1 and inv["known_hosts"] == "known_hosts"
         assert [(d["name"], d["host"], d["port"], d["key"]) for d in inv["devices"]] == [

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.core.topology import Topology, even_split
+from app.workspace.topology import Topology, even_split
 
 
 def recorder(topo: Topology) -> list[tuple]:

@@ -17,10 +17,10 @@ from typing import Callable
 import asyncssh
 import pytest
 
-from app.core import netns
-from app.core.inventory import load_inventory
-from app.core.ssh import HostKeyError, KnownHosts, connect
-from app.core.testbed import start_testbed, stop_testbed
+from app.devices.inventory import load_inventory
+from app.devices.ssh import HostKeyError, KnownHosts, connect
+from app.testbed import netns
+from app.testbed.daemon import start_testbed, stop_testbed
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

@@ -1,22 +1,176 @@
-"""The job description a worker receives from the controller.
+"""The run settings and the job description: the contract between controller and workers.
 
-The controller builds one :class:`JobConfig` per run (from the plan) and sends it to
-every device as base64 JSON on the command line; each worker adds its own rank.  Plain
-data, standard library only.
+:class:`RunSettings` is the one settings type: what a user chooses for a run, with every
+default written once here.  The CLI's flags, the GUI's run form, the planner and the
+launcher all read it.  :class:`JobConfig` is those settings plus what the controller
+decides for one run (rendezvous, ranks, addresses); it travels to every device as base64
+JSON on the command line, and each worker adds its own rank.  Plain data, standard
+library only: the controller imports this module without torch.
 """
 from __future__ import annotations
 
 import base64
 import json
 from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from typing import Any
 
-PARALLELISMS = ("dp", "sp", "tp", "pp", "hybrid")
-SCHEDULES = ("gpipe", "1f1b")
+
+class Parallelism(str, Enum):
+    """How a run splits the work over devices."""
+
+    DP = "dp"          # DDP replicas, gradients synchronised every k iterations
+    SP = "sp"          # sequence split, keys/values all-gathered
+    TP = "tp"          # Megatron heads/MLP split (DTensor)
+    PP = "pp"          # pipeline stages (torch.distributed.pipelining)
+    HYBRID = "hybrid"  # pipeline stages with data-parallel replicas
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether the run has stages (and so a stage split and micro-batches)."""
+        return self in (Parallelism.PP, Parallelism.HYBRID)
+
+    @property
+    def label(self) -> str:
+        return _PARALLELISM_LABELS[self]
+
+
+_PARALLELISM_LABELS = {Parallelism.DP: "Data parallel (DP)", Parallelism.SP: "Sequence parallel (SP)",
+                       Parallelism.TP: "Tensor parallel (TP)", Parallelism.PP: "Pipeline (PP)",
+                       Parallelism.HYBRID: "Hybrid PP × DP"}
+
+
+class Schedule(str, Enum):
+    """Pipeline schedule (pp and hybrid)."""
+
+    GPIPE = "gpipe"
+    ONE_F_ONE_B = "1f1b"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+PARALLELISMS: tuple[str, ...] = tuple(p.value for p in Parallelism)
+SCHEDULES: tuple[str, ...] = tuple(s.value for s in Schedule)
+DEVICE_KINDS = ("cpu", "cuda")
+
+
+def _enum(kind: type[Enum], value: Any, what: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(k.value for k in kind)
+        raise ValueError(f"{what} {value!r} is not one of {choices}") from None
 
 
 @dataclass
-class JobConfig:
-    """Everything a worker needs to join a run.
+class RunSettings:
+    """What a user chooses for a run (CLI flags or the GUI's run form).
+
+    Attributes
+    ----------
+    model
+        A preset name (``workers.presets.PRESETS``) or a local Hugging Face directory.
+    parallelism, schedule
+        How the work is split; the pipeline schedule for pp/hybrid.
+    steps, batch_size, seq_len, micro_batches, sync_every
+        Optimizer steps, global mini-batch (the paper's 128), sequence length,
+        pipeline micro-batches, DP gradient-sync period k.
+    lr
+        Learning rate; ``None`` picks by model (:meth:`resolved_lr`).
+    seed
+        Seed for weights and data.
+    dataset, weights, tokenizer
+        A QNLI-format TSV, a Hugging Face model directory and a tokenizer directory
+        (local paths are copied to the devices); ``None``: generated data, preset weights.
+    device
+        ``cpu`` or ``cuda``; the backend follows (gloo / nccl).
+    timeout_s
+        Seconds a collective waits for a silent peer (the process-group timeout).
+    stall_s
+        Controller side: no telemetry for this long makes it look for a frozen device.
+    stages
+        pp/hybrid: a fixed split, one ``{"ranks": [...], "layers": [a, b)}`` per stage in
+        pipeline order; ``None``: the planner's balanced split.
+    """
+
+    model: str = "tiny-gpt2"
+    parallelism: Parallelism = Parallelism.DP
+    steps: int = 10
+    batch_size: int = 128
+    seq_len: int = 32
+    micro_batches: int = 4
+    sync_every: int = 5
+    lr: float | None = None
+    seed: int = 0
+    schedule: Schedule = Schedule.GPIPE
+    dataset: str | None = None
+    weights: str | None = None
+    tokenizer: str | None = None
+    device: str = "cpu"
+    timeout_s: float = 60.0
+    stall_s: float = 30.0
+    stages: list[dict] | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # the enums hold on every assignment, not only at construction ("pp" -> Parallelism.PP)
+        if name == "parallelism":
+            value = _enum(Parallelism, value, "parallelism")
+        elif name == "schedule":
+            value = _enum(Schedule, value, "schedule")
+        super().__setattr__(name, value)
+
+    def resolved_lr(self) -> float:
+        """The learning rate to train with: 1e-3 for tiny presets, 5e-5 (fine-tuning) otherwise."""
+        if self.lr is not None:
+            return float(self.lr)
+        return 1e-3 if self.model.startswith("tiny-") else 5e-5
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML data (enums as their names' values)."""
+        out = asdict(self)
+        out["parallelism"], out["schedule"] = self.parallelism.value, self.schedule.value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "RunSettings":
+        """Settings from :meth:`to_dict` data (a session file, a run record).
+
+        Raises
+        ------
+        ValueError
+            Naming the setting: not a mapping, an unknown key (a typo must show), a
+            number that is not one, a parallelism or schedule that does not exist.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a mapping of settings, got {type(data).__name__}")
+        known = {f.name: f for f in fields(RunSettings)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"unknown setting {unknown[0]!r}. Fix: use only {', '.join(known)}")
+        out = {}
+        for k, v in data.items():
+            hint = str(known[k].type)
+            if v is not None and hint.startswith(("int", "float")):
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise ValueError(f"{k}: expected a number, got {v!r}")
+                v = float(v) if hint.startswith("float") else v
+                if hint.startswith("int") and not isinstance(v, int):
+                    raise ValueError(f"{k}: expected a whole number, got {v!r}")
+            out[k] = v
+        return cls(**out)
+
+    def settings(self) -> "RunSettings":
+        """Just the user's settings (drops what a :class:`JobConfig` adds)."""
+        return RunSettings(**{f.name: getattr(self, f.name) for f in fields(RunSettings)})
+
+
+@dataclass(kw_only=True)
+class JobConfig(RunSettings):
+    """A run as every worker receives it: the settings plus the controller's decisions.
 
     Attributes
     ----------
@@ -26,26 +180,14 @@ class JobConfig:
         The address of each rank's device (index = rank); gloo binds to it.
     devices
         The device name of each rank (index = rank), for telemetry and errors.
-    model, weights
-        Preset name (``workers.models.PRESETS``) and an optional local HF directory.
-    parallelism
-        One of ``dp, sp, tp, pp, hybrid``.
-    batch_size, seq_len, micro_batches, sync_every, steps, lr, seed
-        Global mini-batch, sequence length, pipeline micro-batches, DP gradient sync
-        period k, optimizer steps, learning rate, seed for weights and data.
-    stages
-        Pipeline/hybrid only: one entry per stage, ``{"ranks": [...], "layers": [a, b]}``
-        with the half-open block range ``[a, b)``; stage order is list order.
-    schedule
-        ``gpipe`` or ``1f1b``.
-    dataset
-        A QNLI-format TSV path on the device, or ``None`` for generated data.
-    device
-        ``cpu`` or ``cuda``; the backend follows (gloo / nccl).
     threads
         Torch intra-op threads (0 = leave torch's default).
-    timeout_s
-        Process-group timeout: a frozen peer fails the run after this long.
+    telemetry_every
+        Steps between step records.
+    power
+        The device's power figures for the energy estimate (``p_idle_w``, ``p_max_w``).
+
+    ``lr`` is resolved (never ``None``) and ``stages`` is a list (empty unless pipelined).
     """
 
     run_id: str
@@ -54,46 +196,43 @@ class JobConfig:
     master_port: int
     addrs: list[str]
     devices: list[str]
-    model: str = "tiny-gpt2"
-    weights: str | None = None
-    tokenizer: str | None = None
-    parallelism: str = "dp"
-    batch_size: int = 128
-    seq_len: int = 32
-    micro_batches: int = 4
-    sync_every: int = 5
-    steps: int = 10
-    lr: float = 1e-3
-    seed: int = 0
-    stages: list[dict] = field(default_factory=list)
-    schedule: str = "gpipe"
-    dataset: str | None = None
-    device: str = "cpu"
     threads: int = 0
-    timeout_s: float = 60.0
     telemetry_every: int = 1
     power: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.lr = self.resolved_lr()
+        self.stages = list(self.stages or [])
+
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent field."""
-        if self.parallelism not in PARALLELISMS:
-            raise ValueError(f"parallelism {self.parallelism!r} is not one of {', '.join(PARALLELISMS)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.device not in DEVICE_KINDS:
+            raise ValueError(f"device {self.device!r} is not one of {', '.join(DEVICE_KINDS)}")
         if len(self.addrs) != self.world_size or len(self.devices) != self.world_size:
             raise ValueError("addrs and devices need one entry per rank")
         if self.batch_size < 1 or self.seq_len < 1 or self.steps < 0 or self.sync_every < 1:
             raise ValueError("batch_size, seq_len and sync_every must be positive, steps non-negative")
-        if self.parallelism in ("pp", "hybrid"):
+        if self.parallelism.pipelined:
             ranks = sorted(r for s in self.stages for r in s["ranks"])
             if ranks != list(range(self.world_size)):
                 raise ValueError("stages must use every rank exactly once")
 
     def to_b64(self) -> str:
-        return base64.urlsafe_b64encode(json.dumps(asdict(self)).encode()).decode()
+        return base64.urlsafe_b64encode(json.dumps(self.to_dict()).encode()).decode()
 
     @classmethod
     def from_b64(cls, text: str) -> "JobConfig":
         data = json.loads(base64.urlsafe_b64decode(text.encode()))
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def even_stages(n_blocks: int, n_stages: int, replicas: int = 1) -> list[dict]:
+    """Contiguous near-equal block ranges, ``replicas`` consecutive ranks per stage."""
+    base, extra = divmod(n_blocks, n_stages)
+    stages, start = [], 0
+    for s in range(n_stages):
+        end = start + base + (1 if s < extra else 0)
+        stages.append({"ranks": list(range(s * replicas, (s + 1) * replicas)), "layers": [start, end]})
+        start = end
+    return stages

@@ -13,9 +13,16 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .energy import (INPUT_RAILS, EnergyMeter, EnergyReading, PowerIntegrator, Reader, SensorUnavailable,
-                     _Ticker, read_sysfs)
-
+from .energy_meters import (
+    INPUT_RAILS,
+    EnergyMeter,
+    EnergyReading,
+    PowerIntegrator,
+    Reader,
+    SensorUnavailable,
+    Ticker,
+    read_sysfs,
+)
 
 # --------------------------------------------------------------------------- RAPL
 
@@ -50,7 +57,7 @@ def find_rapl_domains(sysfs_root: str = "/sys", reader: Reader = read_sysfs) -> 
     return domains
 
 
-def _rapl_unreadable(domain: str, exc: BaseException) -> str:
+def rapl_unreadable(domain: str, exc: BaseException) -> str:
     hint = ""
     if isinstance(exc, PermissionError):
         hint = (" (Linux >= 5.10 makes energy_uj root-only; run the worker as root or "
@@ -77,11 +84,11 @@ class RaplMeter:
             try:
                 int(reader(os.path.join(d.path, "energy_uj")))
             except (OSError, ValueError) as exc:
-                raise SensorUnavailable(_rapl_unreadable(d.name, exc)) from exc
+                raise SensorUnavailable(rapl_unreadable(d.name, exc)) from exc
         self.detail = "package domains " + ", ".join(d.name for d in self.domains) + " (CPU packages only, no DRAM)"
         self._guard_s = wrap_guard_s
         self._lock = threading.Lock()
-        self._ticker: _Ticker | None = None
+        self._ticker: Ticker | None = None
 
     def _counters(self) -> list[int]:
         return [int(self._reader(os.path.join(d.path, "energy_uj"))) for d in self.domains]
@@ -108,7 +115,7 @@ class RaplMeter:
             self._t0 = self._t_last = time.monotonic()
             self._uj = 0
         if self._guard_s > 0:
-            self._ticker = _Ticker(self._tick, self._guard_s, "energy-rapl")
+            self._ticker = Ticker(self._tick, self._guard_s, "energy-rapl")
 
     def read(self) -> EnergyReading:
         self._poll()

@@ -1,7 +1,7 @@
 """Device-side profiling: what this device is, how fast it computes, how fast its links are.
 
 Pushed to each device with the rest of ``workers/`` and run by the controller over SSH
-(``app.core.profile`` / ``app.core.preflight``).  Standard library + torch only; torch is
+(``app.devices.profile`` / ``app.devices.preflight``).  Standard library + torch only; torch is
 imported only when asked, so the same script diagnoses a device *without* torch.
 
 Modes (``python -m workers.probe MODE``):

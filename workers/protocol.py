@@ -1,6 +1,6 @@
 """Telemetry protocol v1: one JSON object per line on the worker's stdout.
 
-The worker writes, the controller (``app.core.telemetry``) parses.  This module is the
+The worker writes, the controller (``app.run.telemetry``) parses.  This module is the
 single definition of the schema; it has no dependency beyond the standard library so
 the controller can import it without torch.
 

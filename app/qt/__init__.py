@@ -1,0 +1,1 @@
+"""The desktop control panel (PySide6): thin views over :mod:`app.workspace`."""

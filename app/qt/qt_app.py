@@ -6,6 +6,12 @@ import signal
 import sys
 from pathlib import Path
 
+from PySide6.QtCore import QTimer
+from PySide6.QtWidgets import QApplication
+
+from .qt_main import QtMainWindow
+from .qt_style import apply_app_style
+
 
 def run_gui(inventory: Path | str | None = None, session: Path | str | None = None,
             runs_dir: Path | str | None = None) -> int:
@@ -14,12 +20,6 @@ def run_gui(inventory: Path | str | None = None, session: Path | str | None = No
     Ctrl+C and SIGTERM close the window like its close button does: a run in progress is
     stopped and its workers killed before the process exits.
     """
-    from PySide6.QtCore import QTimer
-    from PySide6.QtWidgets import QApplication
-
-    from .qt_main import QtMainWindow
-    from .qt_style import apply_app_style
-
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("EdgeTrain")
     apply_app_style(app)

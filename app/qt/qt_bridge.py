@@ -1,6 +1,6 @@
 """Crossing from the asyncio thread (and zeroconf's) to the GUI thread.
 
-The core models announce changes with Qt-free :class:`app.core.signals.Signal` objects,
+The core models announce changes with Qt-free :class:`app.signals.Signal` objects,
 often on the asyncio loop's thread.  The bridges here re-emit them as Qt signals that
 carry plain data (dicts, names).  A bridge lives on the GUI thread, so a signal emitted
 from another thread is delivered *queued*: slots always run on the GUI thread.  Receivers
@@ -12,12 +12,13 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from PySide6.QtCore import QObject, Qt, Signal, Slot
 
-from app.core.discovery import DeviceList
-from app.core.runstate import RunEvent, RunState
+if TYPE_CHECKING:
+    from app.devices.discovery import DeviceList
+    from app.run.runstate import RunEvent, RunState
 
 log = logging.getLogger("edgetrain.qt")
 

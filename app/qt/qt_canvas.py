@@ -1,6 +1,6 @@
 """The topology canvas: one node per participant, in pipeline order, links between them.
 
-The scene mirrors :class:`app.core.topology.Topology` through a model id -> item map and
+The scene mirrors :class:`app.workspace.topology.Topology` through a model id -> item map and
 never holds state of its own: a node item reads its node from the model when it paints.
 Dragging a node moves it freely and shows where it would land; on release the scene
 emits :attr:`QtTopologyScene.move_requested` and the owner pushes one undo command.  The
@@ -16,10 +16,16 @@ from typing import Callable
 
 from PySide6.QtCore import QPointF, QRectF, Qt, Signal
 from PySide6.QtGui import QBrush, QColor, QFont, QFontMetrics, QPainter, QPainterPath, QPen
-from PySide6.QtWidgets import (QGraphicsItem, QGraphicsObject, QGraphicsScene, QGraphicsView,
-                               QStyleOptionGraphicsItem, QWidget)
+from PySide6.QtWidgets import (
+    QGraphicsItem,
+    QGraphicsObject,
+    QGraphicsScene,
+    QGraphicsView,
+    QStyleOptionGraphicsItem,
+    QWidget,
+)
 
-from app.core.topology import Topology, TopologyNode
+from app.workspace.topology import Topology, TopologyNode
 
 from .qt_style import MEM_BAR_COLOURS, MEM_COLOURS, STATUS_COLOURS, fmt_bytes
 

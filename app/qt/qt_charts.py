@@ -1,6 +1,6 @@
 """Live charts: energy and latency per sample, throughput, memory per device.
 
-Telemetry fills a :class:`app.core.series.SeriesStore` (ring buffers) as it arrives; one
+Telemetry fills a :class:`app.workspace.series.SeriesStore` (ring buffers) as it arrives; one
 ``QTimer`` per view repaints at a fixed rate, calling ``setData`` only on the curves whose
 ring changed since the last frame.  Nothing redraws per telemetry record.  OOM and
 failure events are vertical markers on the shared time axis; the plan's predictions are
@@ -17,7 +17,7 @@ from PySide6.QtCore import Qt, QTimer
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import QVBoxLayout, QWidget
 
-from app.core.series import SERIES, SeriesStore
+from app.workspace.series import SERIES, SeriesStore
 
 pg.setConfigOptions(antialias=False, useOpenGL=False, background="w", foreground="#343a40")
 

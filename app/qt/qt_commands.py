@@ -1,14 +1,14 @@
 """Undoable gestures on the topology (one :class:`QUndoCommand` per gesture).
 
 A gesture never touches the model directly: it pushes a command, the command changes the
-:class:`app.core.topology.Topology`, and the views follow the model's signals.  A drag is
+:class:`app.workspace.topology.Topology`, and the views follow the model's signals.  A drag is
 one :class:`QtMoveNodeCommand`, pushed on mouse release.
 """
 from __future__ import annotations
 
 from PySide6.QtGui import QUndoCommand
 
-from app.core.topology import Topology
+from app.workspace.topology import Topology
 
 
 class QtMoveNodeCommand(QUndoCommand):

@@ -1,26 +1,35 @@
 """The devices panel: the live device list, a profile summary, a tick per participant.
 
-:class:`QtDeviceTableModel` reads :class:`app.core.discovery.DeviceList` (through the
+:class:`QtDeviceTableModel` reads :class:`app.devices.discovery.DeviceList` (through the
 queued :class:`~app.qt.qt_bridge.QtDeviceListBridge`), the devices' profiles and the
-:class:`~app.core.topology.Topology` (for the ticks).  Ticking a device does not change the
+:class:`~app.workspace.topology.Topology` (for the ticks).  Ticking a device does not change the
 topology itself: the panel emits :attr:`QtDevicesPanel.participant_toggled` and the
 window pushes an undoable command.  Buttons only emit requests; the window runs them on
 the asyncio thread.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from PySide6.QtCore import (QAbstractTableModel, QItemSelectionModel, QModelIndex, QPersistentModelIndex, Qt,
-                            Signal)
+from PySide6.QtCore import QAbstractTableModel, QItemSelectionModel, QModelIndex, QPersistentModelIndex, Qt, Signal
 from PySide6.QtGui import QBrush
-from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLabel, QPushButton, QTableView,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QPushButton,
+    QTableView,
+    QVBoxLayout,
+    QWidget,
+)
 
-from app.core.discovery import DeviceList, DiscoveredDevice
-from app.core.topology import Topology
+from app.workspace.topology import Topology
 
 from .qt_style import STATUS_COLOURS, device_colour, fmt_bytes
+
+if TYPE_CHECKING:
+    from app.devices.discovery import DeviceList, DiscoveredDevice
 
 COLUMNS = ("Device", "Status", "CPU / GPU", "Memory", "GFLOP/s", "Power")
 

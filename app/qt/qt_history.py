@@ -6,12 +6,21 @@ from typing import Any, Callable
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QColor
-from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QListWidget, QListWidgetItem, QMessageBox, QPushButton,
-                               QSplitter, QTabWidget, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QFileDialog,
+    QHBoxLayout,
+    QListWidget,
+    QListWidgetItem,
+    QMessageBox,
+    QPushButton,
+    QSplitter,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
 
-from app.core.runstate import load_record
-from app.core.series import SeriesStore, record_points
-from app.core.session import RunInfo, iter_telemetry, list_runs
+from app.workspace.history import RunInfo, iter_telemetry, list_runs, load_record
+from app.workspace.series import SeriesStore, record_points
 
 from .qt_charts import QtLiveCharts
 from .qt_runviews import QtEventLog, QtRunSummary
@@ -21,26 +30,15 @@ MARKER_KINDS = ("oom", "failure", "error")
 
 
 def plan_references(plan: dict[str, Any] | None) -> list[tuple[str, dict[str, float | None]]]:
-    """Per-device predicted chart values of a plan, as the charts plot them.
-
-    Accepts the planner's plan JSON (``predictions``) and the preview's dict (``devices``).
-    """
+    """Per-device predicted chart values of a plan (the planner's plan JSON), as the charts plot them."""
     out: list[tuple[str, dict[str, float | None]]] = []
     plan = plan or {}
-    if plan.get("predictions") is not None:
-        batch = (plan.get("settings") or {}).get("batch_size") or 0
-        for p in plan["predictions"]:
-            step = p.get("step_s")
-            out.append((p["name"], {"latency": p.get("latency_per_sample_s"),
-                                    "energy": p.get("energy_per_sample_j"), "memory": p.get("peak_rss_bytes"),
-                                    "throughput": batch / step if batch and step else None}))
-        return out
-    for d in plan.get("devices") or []:
-        if isinstance(d, dict) and d.get("device"):
-            out.append((d["device"], {"latency": d.get("latency_per_sample_s"),
-                                      "energy": d.get("energy_per_sample_j"),
-                                      "memory": d.get("rss_bytes") or d.get("mem_bytes"),
-                                      "throughput": d.get("throughput_sps")}))
+    batch = (plan.get("settings") or {}).get("batch_size") or 0
+    for p in plan.get("predictions") or []:
+        step = p.get("step_s")
+        out.append((p["name"], {"latency": p.get("latency_per_sample_s"),
+                                "energy": p.get("energy_per_sample_j"), "memory": p.get("peak_rss_bytes"),
+                                "throughput": batch / step if batch and step else None}))
     return out
 
 

@@ -1,32 +1,38 @@
 """The control panel's main window: devices, topology canvas, run settings, plan, charts.
 
-The window owns the models (device list, topology, undo stack, profiles) and the asyncio
-thread; the panels are views over those models.  Everything that touches the network
-(checks, host keys, profiling, runs) is submitted to the asyncio thread and comes back
-through queued signals.  Device actions live in :mod:`app.qt.qt_device_actions`.
+The window shows a Qt-free :class:`~app.workspace.workspace.Workspace` (device list,
+participants in stage order, profiles, links) and owns the Qt-only parts: the undo stack,
+the asyncio thread, the timers.  The panels are views over the workspace's models.
+Everything that touches the network (checks, host keys, profiling, runs) is submitted to
+the asyncio thread and comes back through queued signals.  Device actions live in
+:mod:`app.qt.qt_device_actions`, file dialogs in :mod:`app.qt.qt_file_actions`.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Qt
 from PySide6.QtGui import QAction, QCloseEvent, QKeySequence, QUndoStack
-from PySide6.QtWidgets import (QDockWidget, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QSplitter, QTabWidget,
-                               QToolBar, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QDockWidget,
+    QHBoxLayout,
+    QLabel,
+    QMainWindow,
+    QMessageBox,
+    QSplitter,
+    QTabWidget,
+    QToolBar,
+    QVBoxLayout,
+    QWidget,
+)
 
-from app.core.discovery import DeviceList
-from app.core.inventory import Inventory, InventoryError, load_inventory
-from app.core.jobs import default_runs_dir, edgetrain_home
-from app.core.loop import AsyncLoop
-from app.core.plan_model import UnknownModelError, resolve_model
-from app.core.preview import PlanPreview, compute_preview
-from app.core.series import SeriesStore, record_points
-from app.core.session import Session, SessionError, load_session, save_session
-from app.core.ssh import KnownHosts
-from app.core.topology import Topology
+from app.workspace.loop import AsyncLoop
+from app.workspace.preview import PlanPreview, compute_preview
+from app.workspace.series import SeriesStore, record_points
+from app.workspace.session import Session
+from app.workspace.workspace import Workspace
 
 from .qt_bridge import QtDeviceListBridge, QtFutures
 from .qt_canvas import QtTopologyScene, QtTopologyView
@@ -82,8 +88,6 @@ class QtMainWindow(QMainWindow):
         Check reachability and host keys of the devices after loading them.
     """
 
-    progress = Signal(str)   # from the asyncio thread; shown in the status bar
-
     def __init__(self, inventory: Path | str | None = None, session: Path | str | None = None,
                  runs_dir: Path | str | None = None, loop: AsyncLoop | None = None,
                  check_devices: bool = True) -> None:
@@ -93,15 +97,8 @@ class QtMainWindow(QMainWindow):
         self._own_loop = loop is None
         self.check_devices = check_devices
         self.futures = QtFutures(self)
-        self.runs_dir = Path(runs_dir) if runs_dir else default_runs_dir()
-        self.inventory_path: Path | None = None
-        self.known_hosts = KnownHosts(edgetrain_home() / "known_hosts")
-        self.devices = DeviceList(self.known_hosts)
-        self.topology = Topology()
+        self.workspace = Workspace(runs_dir)
         self.undo = QUndoStack(self)
-        self.profiles: dict[str, Any] = {}
-        self.links: Any = None                       # the last LinkMatrix measured here
-        self.link_mbps: dict[tuple[str, str], float] = {}   # measured or cached, for the canvas
         self.store = SeriesStore()
         self._t0 = 0.0
         self._closed = False
@@ -118,12 +115,12 @@ class QtMainWindow(QMainWindow):
 
     # ------------------------------------------------------------------ construction
     def _build_views(self) -> None:
-        self.devices_panel = QtDevicesPanel(self.devices, self.topology, self)
-        self.device_bridge = QtDeviceListBridge(self.devices, self)
+        ws = self.workspace
+        self.devices_panel = QtDevicesPanel(ws.devices, ws.topology, self)
+        self.device_bridge = QtDeviceListBridge(ws.devices, self)
         self.devices_panel.connect_bridge(self.device_bridge.added, self.device_bridge.changed,
                                           self.device_bridge.removed)
-        self.scene = QtTopologyScene(self.topology, colour_of=self.colour_of, bandwidth_of=self.bandwidth_of,
-                                     parent=self)
+        self.scene = QtTopologyScene(ws.topology, colour_of=self.colour_of, bandwidth_of=ws.bandwidth, parent=self)
         self.scene.tooltip_of = self._node_tooltip
         self.canvas = QtTopologyView(self.scene, self)
         self.run_config = QtRunConfigPanel(parent=self)
@@ -132,10 +129,10 @@ class QtMainWindow(QMainWindow):
         self.charts = QtLiveCharts(self.store, colour_of=self.colour_of, parent=self)
         self.event_log = QtEventLog(self)
         self.summary = QtRunSummary(self)
-        self.history = QtRunHistory(lambda: self.runs_dir, self)
+        self.history = QtRunHistory(lambda: ws.runs_dir, self)
         self.run = QtRunController(self.loop, self.futures, self)
-        self.device_actions = QtDeviceActions(self)
-        self.file_actions = QtFileActions(self)
+        self.device_actions = QtDeviceActions(ws, self.loop, self.futures, self)
+        self.file_actions = QtFileActions(self.charts, self)
         self.run_label = QLabel("idle", self)
         self.statusBar().addPermanentWidget(self.run_label)
 
@@ -234,75 +231,66 @@ class QtMainWindow(QMainWindow):
         self.devices_panel.check_requested.connect(self.device_actions.check)
         self.scene.move_requested.connect(self.move_node)
         self.run_config.settings_changed.connect(self._on_settings_changed)
-        self.topology.order_changed.connect(self._on_order_changed)
+        self.workspace.topology.order_changed.connect(self._on_order_changed)
+        self.workspace.profiles_changed.connect(self._on_profiles_changed)
         self.planner.updated.connect(self._on_plan)
         self.run.record.connect(self._on_record)
         self.run.device_changed.connect(self._on_device_status)
         self.run.event.connect(self._on_event)
         self.run.finished.connect(self._on_finished)
         self.history.open_requested.connect(self.open_run)
-        self.progress.connect(self.statusBar().showMessage)
+        self.device_actions.message.connect(self.statusBar().showMessage)
+        self.file_actions.message.connect(self.statusBar().showMessage)
+        self.file_actions.inventory_chosen.connect(self.load_inventory)
+        self.file_actions.session_open_chosen.connect(self.open_session)
+        self.file_actions.session_save_chosen.connect(self._save_session_to)
 
     # ------------------------------------------------------------------ lookups for views
     def colour_of(self, name: str):
         return device_colour(self.devices_panel.model.colour_index(name))
 
-    def bandwidth_of(self, a: str, b: str) -> float | None:
-        """Measured Mbit/s between two devices (either direction), ``None`` if never measured."""
-        return self.link_mbps.get((a, b)) or self.link_mbps.get((b, a))
-
     def _node_tooltip(self, node) -> str:
-        prof = self.profiles.get(node.id)
+        prof = self.workspace.profiles.get(node.id)
         gf = f"{prof.gflops_fp32:.0f} GFLOP/s" if prof and prof.gflops_fp32 else "not profiled"
         return f"{node.id} — {node.role}\n{node.shard}\n{gf}"
 
     # ------------------------------------------------------------------ inventory, session
-    def load_inventory(self, path: Path | str) -> Inventory | None:
+    def load_inventory(self, path: Path | str) -> bool:
         """Add the inventory's devices to the list (errors go to a message box)."""
         try:
-            inv = load_inventory(path)
-        except InventoryError as exc:
+            self.workspace.load_inventory(path)
+        except ValueError as exc:  # InventoryError: names the file, the entry and the fix
             QMessageBox.warning(self, "Inventory", str(exc))
-            return None
-        self.inventory_path = Path(path)
-        if inv.known_hosts is not None:
-            self.known_hosts = KnownHosts(inv.known_hosts)
-            self.devices.known_hosts = self.known_hosts
-        self.devices.load_inventory(inv)
-        self.device_actions.load_cached_profiles()
+            return False
         if self.check_devices:
             self.device_actions.check()
-        return inv
+        return True
+
+    def _on_profiles_changed(self) -> None:
+        self.devices_panel.model.set_profiles(self.workspace.profiles)
+        self.scene.refresh()
+        self.planner.request()
 
     def session(self) -> Session:
-        manual = [e.device.to_dict() for e in self.devices.entries()
-                  if "manual" in e.sources and "inventory" not in e.sources]
-        return Session(inventory=str(self.inventory_path) if self.inventory_path else None,
-                       participants=self.topology.participants, settings=self.run_config.settings(),
-                       manual_devices=manual)
+        return self.workspace.session(self.run_config.settings())
 
     def save_session(self, path: Path | str) -> Path:
-        return save_session(path, self.session())
+        return self.workspace.save_session(path, self.run_config.settings())
+
+    def _save_session_to(self, path: str) -> None:
+        self.save_session(path)
+        self.statusBar().showMessage(f"session saved to {path}", 4000)
 
     def open_session(self, path: Path | str) -> bool:
         try:
-            ses = load_session(path)
-        except SessionError as exc:
+            ses, missing = self.workspace.open_session(path)
+        except ValueError as exc:  # SessionError / InventoryError: both name the file
             QMessageBox.warning(self, "Session", str(exc))
             return False
-        if ses.inventory and (self.inventory_path is None or Path(ses.inventory) != self.inventory_path):
-            self.load_inventory(ses.inventory)
-        for d in ses.manual_devices:
-            if self.devices.get(d["name"]) is None:
-                try:
-                    self.devices.add_manual(d["name"], d["host"], int(d.get("port", 22)), d.get("user"),
-                                            d.get("key"), d.get("python", "python3"))
-                except ValueError as exc:
-                    log.warning("session device %s skipped: %s", d["name"], exc)
         self.run_config.set_settings(ses.settings)
-        missing = [p for p in ses.participants if self.devices.get(p) is None]
-        self.topology.set_participants([p for p in ses.participants if p not in missing])
         self.undo.clear()
+        if self.check_devices:
+            self.device_actions.check()
         if missing:
             self.statusBar().showMessage(f"session devices not found: {', '.join(missing)}", 8000)
         return True
@@ -311,12 +299,12 @@ class QtMainWindow(QMainWindow):
     def toggle_participant(self, name: str, on: bool) -> None:
         if self._order_locked():
             return
-        if on != (name in self.topology):
-            self.undo.push(QtSetParticipantCommand(self.topology, name, on))
+        if on != (name in self.workspace.topology):
+            self.undo.push(QtSetParticipantCommand(self.workspace.topology, name, on))
 
     def move_node(self, name: str, old: int, new: int) -> None:
         if not self.run.running:
-            self.undo.push(QtMoveNodeCommand(self.topology, name, old, new))
+            self.undo.push(QtMoveNodeCommand(self.workspace.topology, name, old, new))
 
     def undo_step(self) -> None:
         if self._order_locked():
@@ -337,29 +325,20 @@ class QtMainWindow(QMainWindow):
 
     def auto_arrange(self) -> None:
         pv = self.planner.latest
-        parts = self.topology.participants
+        parts = self.workspace.topology.participants
         if pv is None or sorted(pv.suggested_order) != sorted(parts):
             self.statusBar().showMessage("No suggestion for the current participants yet.", 4000)
             return
         if pv.suggested_order != parts and not self.run.running:
-            self.undo.push(QtSetOrderCommand(self.topology, pv.suggested_order))
+            self.undo.push(QtSetOrderCommand(self.workspace.topology, pv.suggested_order))
 
     # ------------------------------------------------------------------ plan
     def _plan_inputs(self) -> dict[str, Any]:
-        parts = self.topology.participants
-        entries = [self.devices.get(n) for n in parts]
-        return {"settings": self.run_config.settings(), "order": parts,
-                "devices": [e.device for e in entries] if all(entries) else None,
-                "all_devices": self.devices.devices(),
-                "profiles": {n: self.profiles[n] for n in parts if n in self.profiles}}
+        return self.workspace.plan_inputs(self.run_config.settings())
 
     def _on_settings_changed(self) -> None:
         s = self.run_config.settings()
-        try:
-            n_layers = resolve_model(s.model).n_layer
-        except UnknownModelError:
-            n_layers = 0
-        self.topology.configure(parallelism=s.parallelism, n_layers=n_layers)
+        self.workspace.topology.configure(parallelism=s.parallelism, n_layers=self.workspace.n_layers(s))
         self.planner.request()
 
     def _on_order_changed(self, _ids: list[str]) -> None:
@@ -367,19 +346,19 @@ class QtMainWindow(QMainWindow):
 
     def _on_plan(self, pv: PlanPreview) -> None:
         self.plan_view.show_preview(pv)
-        if sorted(d.device for d in pv.devices) == sorted(self.topology.participants) and pv.stages:
-            self.topology.configure(stages=pv.stages)
+        if sorted(d.name for d in pv.devices) == sorted(self.workspace.topology.participants) and pv.stages:
+            self.workspace.topology.configure(stages=pv.stages)
         for d in pv.devices:
-            self.topology.set_prediction(d.device, d.mem_bytes, d.capacity_bytes, d.oom)
+            self.workspace.topology.set_prediction(d.name, d.capped_peak_bytes, d.limit_bytes, d.oom)
         if not self.run.running:
-            apply_plan_references(self.charts, pv.plan or asdict(pv))
+            apply_plan_references(self.charts, pv.plan.to_dict() if pv.plan is not None else None)
 
     # ------------------------------------------------------------------ runs
     def launch(self) -> None:
         """Start a run on the participants in their current order."""
         if self.run.running:
             return
-        names = self.topology.participants
+        names = self.workspace.topology.participants
         if not names:
             QMessageBox.information(self, "Launch", "Tick at least one device in the devices panel.")
             return
@@ -389,14 +368,10 @@ class QtMainWindow(QMainWindow):
             # reference lines all use the plan for exactly these settings and this order
             pv = compute_preview(**self._plan_inputs())
             self._on_plan(pv)
-        settings = self.run_config.settings()
-        if settings.parallelism in ("pp", "hybrid") and self.topology.stages:
-            settings.stages = self.topology.stages  # run exactly the split the canvas shows
-        inv = Inventory(devices=[self.devices.get(n).device for n in names], known_hosts=self.known_hosts.path)
+        # the record keeps the plan the user saw
+        plan = pv.plan.to_dict() if pv is not None and pv.plan is not None else None
         try:
-            # the record keeps the planner's own plan JSON (else the coarse estimate)
-            plan = (pv.plan or asdict(pv)) if pv is not None else None
-            state = self.run.start(inv, names, settings, self.runs_dir, plan=plan)
+            state = self.run.start(*self.workspace.prepare_run(self.run_config.settings(), plan))
         except (RuntimeError, ValueError, KeyError, OSError) as exc:
             QMessageBox.warning(self, "Launch", str(exc))
             return
@@ -408,7 +383,7 @@ class QtMainWindow(QMainWindow):
         self.summary.clear()
         self.bottom_tabs.setCurrentWidget(self.event_log)
         for n in names:
-            self.topology.set_status(n, "pending")
+            self.workspace.topology.set_status(n, "pending")
         self.devices_panel.model.set_busy(set(names))
         self.scene.set_locked(True)
         self.run_config.setEnabled(False)   # the running job's settings cannot change under it
@@ -431,7 +406,7 @@ class QtMainWindow(QMainWindow):
                                    f"latency/sample {fmt_ms(lat)}")
 
     def _on_device_status(self, name: str, status: str) -> None:
-        self.topology.set_status(name, status)  # ignored when the node is gone
+        self.workspace.topology.set_status(name, status)  # ignored when the node is gone
 
     def _on_event(self, ev: dict) -> None:
         self.event_log.add_event(ev)

@@ -1,7 +1,7 @@
 """The plan preview: per-device memory, latency and energy per sample, OOM flags, advice.
 
 :class:`QtPlanner` recomputes the plan off the GUI thread: a change (settings, order,
-profiles) restarts a short debounce timer; when it fires, :func:`app.core.preview.compute_preview`
+profiles) restarts a short debounce timer; when it fires, :func:`app.workspace.preview.compute_preview`
 runs on a one-thread executor and its result comes back through a queued signal.  Each
 request carries a generation number, so a result that a newer change has overtaken is
 dropped instead of shown.  :class:`QtPlanView` only displays a :class:`PlanPreview`.
@@ -14,10 +14,17 @@ from typing import Any, Callable
 
 from PySide6.QtCore import QObject, Qt, QTimer, Signal, Slot
 from PySide6.QtGui import QBrush
-from PySide6.QtWidgets import (QAbstractItemView, QHeaderView, QLabel, QTableWidget, QTableWidgetItem,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QHeaderView,
+    QLabel,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
 
-from app.core.preview import PlanPreview, compute_preview
+from app.workspace.preview import PlanPreview, compute_preview
 
 from .qt_style import MEM_BAR_COLOURS, MEM_COLOURS, fmt_bytes, fmt_ms, fmt_num
 
@@ -144,22 +151,23 @@ class QtPlanView(QWidget):
     def show_preview(self, pv: PlanPreview) -> None:
         self.preview = pv
         if pv.devices:
-            self.headline.setText(f"Predicted: {fmt_ms(pv.latency_per_sample_s)} and "
-                                  f"{fmt_num(pv.energy_per_sample_j, '.3g', 'J')} per sample"
+            self.headline.setText(f"Predicted: {fmt_ms(pv.total('latency_per_sample_s'))} and "
+                                  f"{fmt_num(pv.total('energy_per_sample_j'), '.3g', 'J')} per sample"
                                   + ("  —  OOM predicted" if pv.any_oom else ""))
         else:
             self.headline.setText("No plan.")
         self.headline.setStyleSheet("font-weight: bold;" + (" color: #c62828;" if pv.any_oom else ""))
         self.recommendation.setText(pv.recommendation + (f"\n{pv.error}" if pv.error else ""))
         self.source.setText("Source: EdgeTrain planner (profiles or board presets; dashed lines on the charts)"
-                            if pv.source == "planner" else "Source: coarse estimate (the planner is not available)")
+                            if pv.plan is not None else "")
         self.source.setWordWrap(True)
         self.table.setRowCount(len(pv.devices))
         for r, d in enumerate(pv.devices):
-            cap = fmt_bytes(d.capacity_bytes) if d.capacity_bytes else "no cap"
-            frac = d.mem_bytes / d.capacity_bytes if d.mem_bytes and d.capacity_bytes else None
+            mem, cap_bytes = d.capped_peak_bytes, d.limit_bytes
+            cap = fmt_bytes(cap_bytes) if cap_bytes else "no cap"
+            frac = mem / cap_bytes if mem and cap_bytes else None
             level = "oom" if d.oom else ("unknown" if frac is None else "warning" if frac >= 0.85 else "ok")
-            cells = (d.device, f"{fmt_bytes(d.mem_bytes)} / {cap}", fmt_ms(d.latency_per_sample_s),
+            cells = (d.name, f"{fmt_bytes(mem)} / {cap}", fmt_ms(d.latency_per_sample_s),
                      fmt_num(d.energy_per_sample_j, ".3g", "J"), "OOM" if d.oom else "")
             for c, text in enumerate(cells):
                 item = self.table.item(r, c)

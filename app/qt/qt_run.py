@@ -1,7 +1,7 @@
 """Launching and stopping a run from the GUI.
 
-:class:`QtRunController` prepares the run on the GUI thread (files only, nothing is
-contacted), runs ``Launcher.run()`` on the asyncio thread, and re-emits what the run
+:class:`QtRunController` takes a run prepared by the workspace (files only, nothing is
+contacted yet), runs ``Launcher.run()`` on the asyncio thread, and re-emits what the run
 reports as queued Qt signals of plain data.  Stopping asks the launcher on its own loop;
 the launcher then kills every remote worker by PID before the run's future completes.
 """
@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QObject, Signal
 
-from app.core.inventory import Inventory
-from app.core.jobs import RunSettings, prepare_run
-from app.core.launch import Launcher
-from app.core.loop import AsyncLoop
-from app.core.runstate import RunState
-
 from .qt_bridge import QtFutures, QtRunBridge
+
+if TYPE_CHECKING:
+    from app.run.launcher import Launcher
+    from app.run.runstate import RunState
+    from app.workspace.loop import AsyncLoop
 
 log = logging.getLogger("edgetrain.qt.run")
 
@@ -55,20 +53,16 @@ class QtRunController(QObject):
     def running(self) -> bool:
         return self._future is not None and not self._future.done()
 
-    def start(self, inventory: Inventory, names: list[str], settings: RunSettings, runs_dir: Path,
-              plan: dict[str, Any] | None = None) -> RunState:
-        """Prepare and launch a run over ``names`` (rank order).
+    def start(self, launcher: Launcher, state: RunState) -> RunState:
+        """Launch a prepared run (``Workspace.prepare_run``).
 
         Raises
         ------
         RuntimeError
             A run is already in progress.
-        InventoryError, KeyError, ValueError
-            From preparing the run (bad settings, unknown device).
         """
         if self.running:
             raise RuntimeError("a run is already in progress; stop it first")
-        launcher, state = prepare_run(inventory, names, settings, runs_dir, plan=plan)
         if self._bridge is not None:
             self._bridge.detach()
             self._bridge.deleteLater()

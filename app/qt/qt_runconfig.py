@@ -1,7 +1,7 @@
 """The run configuration form: model, parallelism, batch, sequence, micro-batches, ...
 
 The form keeps no settings of its own beyond its widgets: :meth:`settings` reads them into
-a :class:`app.core.jobs.RunSettings`, :meth:`set_settings` writes one back, and
+a :class:`workers.config.RunSettings`, :meth:`set_settings` writes one back, and
 ``settings_changed`` fires on every edit (the planner debounces).
 """
 from __future__ import annotations
@@ -9,19 +9,22 @@ from __future__ import annotations
 from dataclasses import replace
 
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit,
-                               QPushButton, QSpinBox, QWidget)
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QWidget,
+)
 
-from app.core.jobs import RunSettings
-
-try:
-    from workers.presets import PRESETS
-except ImportError:  # the GUI still opens without the worker package
-    PRESETS = {}
+from workers.config import Parallelism, RunSettings, Schedule
+from workers.presets import PRESETS
 
 LOCAL_WEIGHTS = "Local weights…"
-PARALLELISM_LABELS = {"dp": "Data parallel (DP)", "pp": "Pipeline (PP)", "tp": "Tensor parallel (TP)",
-                      "sp": "Sequence parallel (SP)", "hybrid": "Hybrid PP × DP"}
 
 
 def _spin(lo: int, hi: int, value: int, parent: QWidget) -> QSpinBox:
@@ -47,15 +50,16 @@ class QtRunConfigPanel(QWidget):
         browse_w.setFixedWidth(28)
         browse_w.clicked.connect(lambda: self._browse_dir(self.weights))
         self.parallelism = QComboBox(self)
-        for key, label in PARALLELISM_LABELS.items():
-            self.parallelism.addItem(label, key)
-        self.steps = _spin(1, 10_000_000, 10, self)
-        self.batch_size = _spin(1, 65536, 128, self)
-        self.seq_len = _spin(2, 8192, 32, self)
-        self.micro_batches = _spin(1, 1024, 4, self)
-        self.sync_every = _spin(1, 10000, 5, self)
+        for par in Parallelism:
+            self.parallelism.addItem(par.label, par.value)
+        d = RunSettings()
+        self.steps = _spin(1, 10_000_000, d.steps, self)
+        self.batch_size = _spin(1, 65536, d.batch_size, self)
+        self.seq_len = _spin(2, 8192, d.seq_len, self)
+        self.micro_batches = _spin(1, 1024, d.micro_batches, self)
+        self.sync_every = _spin(1, 10000, d.sync_every, self)
         self.schedule = QComboBox(self)
-        self.schedule.addItems(["gpipe", "1f1b"])
+        self.schedule.addItems([sch.value for sch in Schedule])
         self.mode = QComboBox(self)
         self.mode.addItem("CPU", "cpu")
         self.mode.addItem("GPU (CUDA)", "cuda")
@@ -118,10 +122,10 @@ class QtRunConfigPanel(QWidget):
     def _changed(self, *_: object) -> None:
         local = self.model.currentText() == LOCAL_WEIGHTS
         self.weights.setEnabled(local)
-        par = self.parallelism.currentData()
-        self.micro_batches.setEnabled(par in ("pp", "hybrid"))
-        self.schedule.setEnabled(par in ("pp", "hybrid"))
-        self.sync_every.setEnabled(par in ("dp", "hybrid"))
+        par = Parallelism(self.parallelism.currentData())
+        self.micro_batches.setEnabled(par.pipelined)
+        self.schedule.setEnabled(par.pipelined)
+        self.sync_every.setEnabled(par in (Parallelism.DP, Parallelism.HYBRID))
         self.settings_changed.emit()
 
     def settings(self) -> RunSettings:
@@ -130,7 +134,7 @@ class QtRunConfigPanel(QWidget):
         weights = self.weights.text().strip() or None
         # fields the form does not show (seed, tokenizer, timeout, stages) keep their values
         return replace(
-            self._base, model=(weights or "tiny-gpt2") if local else self.model.currentText(),
+            self._base, model=(weights or RunSettings().model) if local else self.model.currentText(),
             parallelism=self.parallelism.currentData(), steps=self.steps.value(),
             batch_size=self.batch_size.value(), seq_len=self.seq_len.value(),
             micro_batches=self.micro_batches.value(), sync_every=self.sync_every.value(),
@@ -151,8 +155,8 @@ class QtRunConfigPanel(QWidget):
             else:
                 self.model.setCurrentText(LOCAL_WEIGHTS)
             self.weights.setText(s.weights or ("" if s.model in PRESETS else s.model))
-            self.parallelism.setCurrentIndex(max(0, self.parallelism.findData(s.parallelism)))
-            self.schedule.setCurrentText(s.schedule)
+            self.parallelism.setCurrentIndex(max(0, self.parallelism.findData(s.parallelism.value)))
+            self.schedule.setCurrentText(s.schedule.value)
             self.mode.setCurrentIndex(max(0, self.mode.findData(s.device)))
             self.steps.setValue(s.steps)
             self.batch_size.setValue(s.batch_size)

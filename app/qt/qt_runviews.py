@@ -5,8 +5,15 @@ import time
 from typing import Any
 
 from PySide6.QtGui import QBrush
-from PySide6.QtWidgets import (QAbstractItemView, QHeaderView, QLabel, QTableWidget, QTableWidgetItem, QVBoxLayout,
-                               QWidget)
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QHeaderView,
+    QLabel,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
 
 from .qt_style import EVENT_COLOURS, STATUS_COLOURS, fmt_bytes, fmt_ms, fmt_num
 

@@ -9,6 +9,7 @@ device accumulating gradients over the same k global batches.
 from __future__ import annotations
 
 import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP

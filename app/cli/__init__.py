@@ -1,0 +1,1 @@
+"""``edgetrain``: the headless control panel, one module per command group."""

@@ -1,0 +1,62 @@
+"""Flags shared by the commands that take run settings: one place, defaults from
+:class:`workers.config.RunSettings`, so the CLI never restates a default."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from app.devices.inventory import Inventory, load_inventory
+from app.paths import edgetrain_home
+from workers.config import DEVICE_KINDS, PARALLELISMS, SCHEDULES, RunSettings
+
+
+def add_device_flags(p: argparse.ArgumentParser) -> None:
+    """``--inventory`` and ``--devices`` (rank order)."""
+    p.add_argument("--inventory", help="inventory YAML (default: the running testbed's)")
+    p.add_argument("--devices", help="comma-separated device names in rank order (default: all)")
+
+
+def inventory_from_args(args: argparse.Namespace) -> Inventory:
+    """The inventory named by ``--inventory``, else the running local testbed's."""
+    return load_inventory(args.inventory or edgetrain_home() / "testbed" / "inventory.yaml")
+
+
+def device_names(args: argparse.Namespace) -> list[str] | None:
+    return [n for n in args.devices.split(",") if n] if args.devices else None
+
+
+def add_settings_flags(p: argparse.ArgumentParser, steps: int | None = None) -> None:
+    """Every :class:`RunSettings` field a user sets from the command line.
+
+    ``steps`` overrides the default step count (the demo and the sweep run fewer).
+    """
+    d = RunSettings()
+    p.add_argument("--model", default=d.model, help="preset name (see workers/presets.py)")
+    p.add_argument("--parallelism", default=d.parallelism.value, choices=PARALLELISMS)
+    p.add_argument("--steps", type=int, default=d.steps if steps is None else steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global mini-batch (paper: 128)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--micro-batches", type=int, default=d.micro_batches, help="pp/hybrid: micro-batches per step")
+    p.add_argument("--sync-every", type=int, default=d.sync_every, help="DP: synchronise gradients every k steps")
+    p.add_argument("--schedule", default=d.schedule.value, choices=SCHEDULES, help="pp/hybrid pipeline schedule")
+    p.add_argument("--lr", type=float, default=d.lr, help="default: 1e-3 for tiny presets, 5e-5 otherwise")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--dataset", help="QNLI-format TSV: a local file is copied to the devices, "
+                                     "another path is read on the devices (default: generated data)")
+    p.add_argument("--weights", help="Hugging Face model directory (local: copied to the devices)")
+    p.add_argument("--tokenizer", help="tokenizer directory (local: copied to the devices)")
+    p.add_argument("--device", default=d.device, choices=DEVICE_KINDS)
+    p.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds a collective waits for a silent peer")
+    p.add_argument("--runs-dir", help="where run records go (default: $EDGETRAIN_HOME/runs)")
+
+
+def settings_from_args(args: argparse.Namespace) -> RunSettings:
+    return RunSettings(model=args.model, parallelism=args.parallelism, steps=args.steps,
+                       batch_size=args.batch_size, seq_len=args.seq_len, micro_batches=args.micro_batches,
+                       sync_every=args.sync_every, lr=args.lr, seed=args.seed, schedule=args.schedule,
+                       dataset=args.dataset, weights=args.weights, tokenizer=args.tokenizer,
+                       device=args.device, timeout_s=args.timeout)
+
+
+def runs_dir_from_args(args: argparse.Namespace) -> Path | None:
+    return Path(args.runs_dir) if args.runs_dir else None

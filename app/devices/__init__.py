@@ -1,0 +1,1 @@
+"""Devices: inventory, discovery (mDNS, manual), SSH trust, remote operations, profiles, preflight."""

@@ -1,0 +1,434 @@
+"""Cost model: memory, time and energy of one rank's share of a training step.
+
+The planner (:mod:`app.planner.plan`) describes what each rank holds and computes as a
+:class:`RankLoad`; :func:`rank_cost` turns that plus the device's :class:`DeviceSpec`
+into per-phase memory, compute/optimizer time and energy.  Collective times over the
+measured links come from :func:`app.planner.links.ring_allreduce_s` and friends.  Nothing here imports
+torch: the GUI re-plans on every settings change.
+
+Calibration (``bench/plan_calibrate.py``, fp32, torch 2.13 CPU, one rank in a real
+gloo group with the DP trainer: DDP + AdamW; see :data:`CALIBRATION` for the numbers)::
+
+    compute   = FLOPs / (eff * G) + (k_act * activation bytes + k_block * block passes
+                + k_step * micro-steps + k_embed * embedding-gradient bytes
+                + k_tp * tensor-parallel linears) * (G_ref_core / G_core)
+    optimizer = (k_opt * params + k_tensor * tensors) * (G_ref_core / G_core), every k steps
+    RSS       = runtime + first-step runtime + weights + grads + 2 x AdamW state
+                + DDP bucket + f_family * saved activations (+ AdamW temporaries)
+    virtual   = RSS + address space reserved but not resident (thread arenas/stacks)
+
+``G`` is the device's fp32 matmul rate (a profile's ``gflops_fp32``: all its threads),
+``G_core`` the same per thread: fixed per-op costs do not get faster with more threads
+(an assumption: the calibration host was too loaded to measure 2-thread scaling).
+The measurements behind every constant are in ``bench/RESULTS.md`` ("Calibration of
+the cost model"); the raw data in ``bench/data/plan_calibration.json``.
+
+Memory is what the workers measure: process RSS.  An emulated device's cap is
+``RLIMIT_AS`` on *virtual* size, which is always larger than RSS (about 0.58 GB more
+with one torch thread, 0.13 GB per extra thread: glibc reserves an arena per thread and
+the torch/gloo libraries map more than they touch), so OOM against such a cap compares
+the virtual prediction; a real device's RAM compares RSS.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+MIB = 2 ** 20
+GIB = 2 ** 30
+PHASES = ("load", "forward", "backward", "optimizer")
+SENSOR_SOURCES = ("nvml", "ina3221", "rapl")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Constants of the cost model, measured on the calibration host.
+
+    Attributes
+    ----------
+    matmul_efficiency
+        Fraction of the fp32 matmul rate (512^3 GEMM, what ``edgetrain profile``
+        measures) that training FLOPs reach.
+    act_s_per_byte
+        Seconds per byte of saved activations (per micro-step, forward + backward) on
+        the reference core: element-wise ops, allocation and page faults, which are what
+        dominate small models.
+    block_s, step_s
+        Fixed seconds per block pass (forward + backward of one block on one
+        micro-batch) and per micro-step (loss, DDP hooks, autograd start-up).
+    embed_grad_s_per_byte
+        The token-embedding gradient is dense (vocab x width): allocated and
+        accumulated on every micro-step that runs the embeddings.  Measured apart
+        (``bench/plan_calibrate.py --embed``: gpt2-s stage with vs without embeddings).
+    tp_module_s
+        DTensor dispatch per tensor-parallel linear per step (forward + backward),
+        from the quiet-host accuracy runs of the tiny presets (``bench/RESULTS.md``).
+    opt_s_per_param, opt_s_per_tensor
+        Single-tensor AdamW on CPU (memory bound): per parameter and per tensor.
+    ref_core_gflops
+        Per-thread matmul rate of the calibration host; fixed costs scale by it.
+    runtime_rss_bytes
+        RSS of a worker process before its model: python + torch + transformers +
+        the workers package + a gloo group.  Measured: ``bench/plan_calibrate.py
+        --overhead`` (``ru_maxrss`` after ``import torch, transformers, workers.train``
+        and ``workers.dist.init`` of a one-rank group).
+    rss_per_peer_bytes
+        Extra RSS per other rank in the group (gloo pairs and buffers): not measurable
+        with 2 and 4 ranks (within 5 MB), so 0.
+    first_step_rss_bytes
+        RSS the first training step adds beyond tensors (autograd engine, oneDNN
+        primitives, allocator bookkeeping).
+    act_factor
+        Peak activation RSS / saved activations, per family: backward's gradient
+        temporaries and freed-but-retained heap (glibc keeps small frees) on top of
+        what autograd saves.
+    opt_tmp_factor
+        AdamW temporaries, in units of the largest parameter tensor.
+    virtual_base_bytes, virtual_per_thread_bytes
+        Virtual size minus RSS once training runs: ``base + per_thread * threads``
+        (1 thread: 580 MB, 2 threads: 712 MB, over 17 configurations within 10 MB).
+    virtual_load_base_bytes, virtual_load_per_thread_bytes
+        The same before the first step (466 / 514 MB): autograd's worker threads and
+        their malloc arenas appear with the first backward.
+    virtual_store_bytes
+        Extra virtual size of rank 0 in a group of more than one (the TCPStore server's
+        threads and their malloc arena).
+    p2p_s
+        Fixed cost of one point-to-point message in a pipeline schedule (gloo send/recv
+        and the schedule's bookkeeping) on top of the link's latency.  Not calibrated
+        yet (estimate).
+    """
+
+    matmul_efficiency: float = 0.845
+    act_s_per_byte: float = 7.7e-10
+    block_s: float = 0.0
+    step_s: float = 4.4e-4
+    embed_grad_s_per_byte: float = 6.5e-10
+    tp_module_s: float = 2.0e-3
+    opt_s_per_param: float = 4.1e-9
+    opt_s_per_tensor: float = 3.2e-5
+    ref_core_gflops: float = 200.0
+    runtime_rss_bytes: int = 340 * MIB
+    rss_per_peer_bytes: int = 0
+    first_step_rss_bytes: int = 30 * MIB
+    act_factor: Mapping[str, float] = field(default_factory=lambda: {"gpt2": 1.9, "bert": 1.6, "opt": 1.8})
+    opt_tmp_factor: float = 2.0
+    virtual_base_bytes: int = 448 * MIB
+    virtual_per_thread_bytes: int = 132 * MIB
+    virtual_load_base_bytes: int = 418 * MIB
+    virtual_load_per_thread_bytes: int = 48 * MIB
+    virtual_store_bytes: int = 64 * MIB
+    p2p_s: float = 0.3e-3
+
+
+CALIBRATION = Calibration()
+#: The ``runtime_overhead_bytes`` of a worker (see :class:`Calibration.runtime_rss_bytes`).
+RUNTIME_OVERHEAD_BYTES = CALIBRATION.runtime_rss_bytes
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class DeviceSpec:
+    """What the planner needs to know about one device.
+
+    Attributes
+    ----------
+    name
+        Device name (inventory).
+    gflops
+        fp32 matmul rate with all the threads a worker uses, GFLOP/s.
+    mem_bytes
+        Memory a worker may use, or ``None`` when unknown (never OOM then).
+    p_idle_w, p_max_w
+        Board power at idle and at full load, watts.
+    power_source
+        ``nvml``/``ina3221``/``rapl`` when a sensor measured them, else ``estimate``.
+    threads
+        Torch threads of a worker on this device.
+    mem_is_virtual
+        ``mem_bytes`` caps the address space (``RLIMIT_AS``: emulated devices), not RAM.
+    profiled
+        False for a generic default (no profile, no preset): flagged in the output.
+    source
+        Where the numbers came from (``profile``, ``preset jetson-nano``, ``default``).
+    """
+
+    name: str
+    gflops: float
+    mem_bytes: int | None
+    p_idle_w: float = 5.0
+    p_max_w: float = 15.0
+    power_source: str = "estimate"
+    threads: int = 1
+    mem_is_virtual: bool = False
+    profiled: bool = True
+    source: str = "profile"
+
+    @property
+    def core_gflops(self) -> float:
+        return self.gflops / max(1, self.threads)
+
+
+#: Per-thread fp32 matmul rate of this kind of host (512^3, ``edgetrain profile``'s
+#: method); emulated devices get ``threads x`` this.
+HOST_GFLOPS_PER_THREAD = 200.0
+#: A laptop-like device for inventory entries with neither profile nor preset.
+GENERIC_DEVICE = dict(gflops=2 * HOST_GFLOPS_PER_THREAD, mem_bytes=8 * GIB, p_idle_w=8.0, p_max_w=45.0, threads=2)
+
+
+def spec_from_profile(profile: Any) -> DeviceSpec:
+    """Adapter for ``app.devices.profile.DeviceProfile`` (duck-typed on its field names).
+
+    An emulated device (``labels``/``emu`` cap) reports ``mem_limit_bytes`` from
+    ``RLIMIT_AS``; that is compared with the virtual-size prediction.
+    """
+    threads = max(1, int(getattr(profile, "threads", 1) or 1))
+    gflops = getattr(profile, "gflops_fp32", None) or HOST_GFLOPS_PER_THREAD * threads
+    limit = getattr(profile, "mem_limit_bytes", None)
+    avail = getattr(profile, "mem_available_bytes", None) or getattr(profile, "mem_total_bytes", None)
+    labels = getattr(profile, "labels", None) or {}
+    emulated = bool(labels.get("testbed") or labels.get("preset")) and limit is not None
+    mem = limit if limit is not None else avail
+    return DeviceSpec(name=profile.name, gflops=float(gflops), mem_bytes=int(mem) if mem else None,
+                      p_idle_w=float(getattr(profile, "p_idle_w", 5.0) or 5.0),
+                      p_max_w=float(getattr(profile, "p_max_w", 15.0) or 15.0),
+                      power_source=str(getattr(profile, "power_source", "estimate") or "estimate"),
+                      threads=threads, mem_is_virtual=emulated, source="profile")
+
+
+def spec_from_preset(name: str, preset: Any, threads: int | None = None,
+                     gflops_per_thread: float = HOST_GFLOPS_PER_THREAD) -> DeviceSpec:
+    """A device emulated with a testbed preset (``app.testbed.emulation.DevicePreset``-like).
+
+    Parameters
+    ----------
+    name
+        Device name.
+    preset
+        Anything with ``name``, ``mem_bytes``, ``threads``, ``p_idle_w``, ``p_max_w``.
+    threads
+        The thread budget the testbed gave the device (default: the preset's, or 1).
+    gflops_per_thread
+        Host matmul rate per thread: the emulated board computes with host threads.
+    """
+    t = max(1, int(threads or getattr(preset, "threads", None) or 1))
+    p_idle = float(getattr(preset, "p_idle_w", 0.0) or 0.0)
+    p_max = float(getattr(preset, "p_max_w", 0.0) or 0.0)
+    if not (p_idle > 0 and p_max >= p_idle):
+        p_idle, p_max = 5.0, 15.0  # workers.energy's generic figures, as the meter would use
+    mem = getattr(preset, "mem_bytes", None)
+    return DeviceSpec(name=name, gflops=gflops_per_thread * t, mem_bytes=mem, p_idle_w=p_idle, p_max_w=p_max,
+                      power_source="estimate", threads=t, mem_is_virtual=mem is not None,
+                      source=f"preset {getattr(preset, 'name', '?')}")
+
+
+def generic_spec(name: str) -> DeviceSpec:
+    """A laptop-like guess for a device with no profile and no preset label."""
+    return DeviceSpec(name=name, profiled=False, source="default (no profile: run edgetrain profile)",
+                      **GENERIC_DEVICE)
+
+
+# --------------------------------------------------------------------------- one rank
+
+
+@dataclass
+class RankLoad:
+    """What one rank holds and does per training step (built by the planner).
+
+    Attributes
+    ----------
+    params
+        Parameters held (and trained: gradients and AdamW state have the same size).
+    load_params
+        Parameters resident at the peak of loading, when that is more than ``params``
+        (the worker builds the whole model, then keeps its shard or stage); 0: ``params``.
+    bucket_params
+        Parameters in a flat gradient buffer for all-reduce (DDP buckets, or the
+        largest flat bucket of a hand-written all-reduce), else 0.
+    ddp
+        Wrapped in DDP: its constructor broadcasts through a flat copy and reserves
+        the buckets.
+    largest_tensor
+        Elements of the largest parameter tensor held (AdamW temporaries).
+    n_tensors
+        Parameter tensors held (per-tensor optimizer overhead).
+    saved_act_bytes
+        Activations saved for backward at the peak (all micro-batches in flight).
+    act_bytes_per_step
+        Saved-activation bytes produced over the whole step (time term).
+    family
+        Model family (activation peak factor).
+    flops_per_step
+        Forward + backward FLOPs per step.
+    embed_grad_bytes
+        Bytes of the dense token-embedding gradient per micro-step (embedding holders).
+    tp_modules
+        Tensor-parallel linears this rank runs per step.
+    block_passes, micro_steps
+        Per step: forward+backward passes through a block, and micro-batch steps.
+    opt_every
+        The optimizer runs once every this many steps (DP ``sync_every``).
+    accumulate
+        Gradients persist between steps (DP with ``sync_every > 1``).
+    peers
+        Other ranks in the process group.
+    store
+        This rank hosts the rendezvous store (rank 0 of a group of more than one).
+    """
+
+    params: int
+    load_params: int = 0
+    bucket_params: int = 0
+    ddp: bool = False
+    largest_tensor: int = 0
+    n_tensors: int = 0
+    saved_act_bytes: float = 0.0
+    act_bytes_per_step: float = 0.0
+    family: str = "gpt2"
+    flops_per_step: float = 0.0
+    embed_grad_bytes: float = 0.0
+    tp_modules: int = 0
+    block_passes: float = 0.0
+    micro_steps: float = 1.0
+    opt_every: int = 1
+    accumulate: bool = False
+    peers: int = 0
+    store: bool = False
+
+
+@dataclass
+class RankCost:
+    """Predicted memory and time of one rank (see :func:`rank_cost`)."""
+
+    rss: dict[str, float]
+    virtual: dict[str, float]
+    compute_s: float
+    optimizer_s: float
+    # the first step's forward/backward (no AdamW state yet) and its optimizer, which
+    # allocates the state: in time order these come before the steady phases
+    first_rss: dict[str, float] = field(default_factory=dict)
+    first_virtual: dict[str, float] = field(default_factory=dict)
+
+    def timeline(self, virtual: bool) -> list[tuple[str, float]]:
+        """(phase, bytes) in the order a run goes through them."""
+        steady, first = (self.virtual, self.first_virtual) if virtual else (self.rss, self.first_rss)
+        seq = [("load", steady["load"])]
+        seq += [(p, first[p]) for p in PHASES[1:] if p in first]
+        seq += [(p, steady[p]) for p in PHASES[1:]]
+        return seq
+
+    @property
+    def peak_rss(self) -> float:
+        return max(self.rss.values())
+
+    @property
+    def peak_virtual(self) -> float:
+        return max(self.virtual.values())
+
+
+def compute_seconds(spec: DeviceSpec, flops: float, act_bytes: float, block_passes: float,
+                    micro_steps: float, cal: Calibration = CALIBRATION, embed_bytes: float = 0.0,
+                    tp_modules: int = 0) -> float:
+    """Forward + backward time of some work on ``spec`` (see the module formula).
+
+    ``embed_bytes`` is the embedding gradient summed over the micro-steps.
+    """
+    slow = cal.ref_core_gflops / max(1e-9, spec.core_gflops)
+    return (flops / (cal.matmul_efficiency * spec.gflops * 1e9)
+            + (cal.act_s_per_byte * act_bytes + cal.block_s * block_passes + cal.step_s * micro_steps
+               + cal.embed_grad_s_per_byte * embed_bytes + cal.tp_module_s * tp_modules) * slow)
+
+
+def optimizer_seconds(spec: DeviceSpec, params: int, n_tensors: int, cal: Calibration = CALIBRATION) -> float:
+    """One AdamW step over ``params`` parameters in ``n_tensors`` tensors."""
+    slow = cal.ref_core_gflops / max(1e-9, spec.core_gflops)
+    return (cal.opt_s_per_param * params + cal.opt_s_per_tensor * n_tensors) * slow
+
+
+def rank_cost(load: RankLoad, spec: DeviceSpec, cal: Calibration = CALIBRATION) -> RankCost:
+    """Per-phase RSS and virtual size, forward+backward and optimizer seconds per step.
+
+    Phases are steady-state (AdamW state exists after the first step; peaks repeat):
+    ``load`` is before the first step; ``forward``/``backward`` hold weights, AdamW
+    state, the DDP bucket, the activations and (backward, or accumulating DP) the
+    gradients; ``optimizer`` adds AdamW's temporaries of one parameter at a time.
+    ``first_rss``/``first_virtual`` are the first step's phases (no AdamW state before
+    its optimizer; autograd's threads appear with its backward), which decide in which
+    phase a run that does not fit fails.
+    """
+    w = 4.0 * load.params
+    bucket = 4.0 * load.bucket_params
+    state = 2 * w
+    base = cal.runtime_rss_bytes + cal.rss_per_peer_bytes * load.peers
+    run = base + cal.first_step_rss_bytes
+    act = cal.act_factor.get(load.family, 1.8) * load.saved_act_bytes
+    opt_tmp = cal.opt_tmp_factor * 4.0 * load.largest_tensor
+    rss = {
+        # DDP's constructor broadcasts the parameters through a flat copy
+        "load": base + max(w, 4.0 * load.load_params) + (w if load.ddp else 0.0),
+        "forward": run + w + state + bucket + (w if load.accumulate else 0.0) + act,
+        "backward": run + w + state + bucket + w + act,
+        # temporaries reuse what backward freed when activations dominate
+        "optimizer": run + w + state + bucket + w + max(act, load.saved_act_bytes + opt_tmp),
+    }
+    threads = max(1, spec.threads)
+    store = cal.virtual_store_bytes if load.store else 0
+    vextra = cal.virtual_base_bytes + cal.virtual_per_thread_bytes * threads + store
+    vload = cal.virtual_load_base_bytes + cal.virtual_load_per_thread_bytes * threads + store
+    # DDP reserves its buckets at construction; they become resident in the first backward
+    virtual = {k: v + (vload + (bucket if load.ddp else 0.0) if k == "load" else vextra) for k, v in rss.items()}
+    first_rss = {"forward": run + w + bucket + act, "backward": run + w + bucket + w + act,
+                 "optimizer": rss["optimizer"]}
+    first_virtual = {"forward": first_rss["forward"] + vload + (bucket if load.ddp else 0.0),
+                     "backward": first_rss["backward"] + vextra, "optimizer": first_rss["optimizer"] + vextra}
+    compute = compute_seconds(spec, load.flops_per_step, load.act_bytes_per_step, load.block_passes,
+                              load.micro_steps, cal, load.embed_grad_bytes * load.micro_steps, load.tp_modules)
+    opt = optimizer_seconds(spec, load.params, load.n_tensors, cal) / max(1, load.opt_every)
+    return RankCost(rss=rss, virtual=virtual, compute_s=compute, optimizer_s=opt, first_rss=first_rss,
+                    first_virtual=first_virtual)
+
+
+@dataclass
+class MemoryVerdict:
+    """OOM prediction of one rank against its device's memory."""
+
+    limit_bytes: int | None
+    limit_kind: str          # "virtual" (RLIMIT_AS cap), "rss" (RAM) or "none"
+    margin_bytes: float | None
+    margin: float | None     # (limit - predicted) / limit; negative means OOM
+    oom: bool
+    oom_phase: str | None
+
+
+def memory_verdict(cost: RankCost, spec: DeviceSpec) -> MemoryVerdict:
+    """Compare the prediction that matches how the device's memory is limited."""
+    if not spec.mem_bytes:
+        return MemoryVerdict(None, "none", None, None, False, None)
+    pred = cost.virtual if spec.mem_is_virtual else cost.rss
+    limit = int(spec.mem_bytes)
+    # the first phase, in time order, that does not fit is where the run would fail
+    oom_phase = next((p for p, need in cost.timeline(spec.mem_is_virtual) if need > limit), None)
+    peak = max(pred.values())
+    return MemoryVerdict(limit, "virtual" if spec.mem_is_virtual else "rss", limit - peak,
+                         (limit - peak) / limit, oom_phase is not None, oom_phase)
+
+
+def energy_joules(spec: DeviceSpec, step_s: float, busy_s: float) -> float:
+    """Energy of one step: ``P_idle`` for the whole step plus the load share when busy.
+
+    The same linear model the workers' estimate meter integrates (busy = CPU share),
+    with the profile's measured idle/peak power where a sensor provided them.
+    """
+    busy = min(max(busy_s, 0.0), step_s)
+    return spec.p_idle_w * step_s + (spec.p_max_w - spec.p_idle_w) * busy
+
+
+def energy_method(spec: DeviceSpec) -> str:
+    """``measured-power`` when a sensor gave the power figures, else ``estimate``."""
+    return "measured-power" if spec.power_source in SENSOR_SOURCES else "estimate"
+
+
+def names_of(specs: Iterable[DeviceSpec]) -> list[str]:
+    return [s.name for s in specs]

@@ -1,0 +1,1 @@
+"""Runs: job config from settings, the launcher, telemetry, run state and records, the sweep."""

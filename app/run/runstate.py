@@ -1,0 +1,226 @@
+"""Run state: what is known about a run, built only from telemetry and process exits.
+
+One :class:`RunState` per run.  The launcher feeds it; the CLI and the GUI read it and
+subscribe to its signals.  It also writes the run record (``runs/<run_id>/``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.signals import Signal
+
+log = logging.getLogger("edgetrain.runstate")
+
+STATUSES = ("pending", "connecting", "starting", "running", "done", "failed", "oom", "stopped")
+
+
+@dataclass
+class DeviceRun:
+    """One rank's device during a run."""
+
+    name: str
+    rank: int
+    status: str = "pending"
+    role: str = ""
+    pid: int | None = None
+    steps: int = 0
+    samples: int = 0
+    local_samples: int = 0
+    busy_s: float = 0.0
+    energy_j: float = 0.0
+    energy_source: str | None = None
+    energy_method: str | None = None
+    peak_mem_bytes: int = 0
+    last_loss: float | None = None
+    latencies: list[float] = field(default_factory=list)
+    exit: str | None = None
+    message: str | None = None
+    param_digest: str | None = None
+    done_at: float | None = None
+
+
+@dataclass
+class RunEvent:
+    t: float
+    device: str | None
+    kind: str          # info, oom, error, failure, done
+    message: str
+
+
+class RunState:
+    """Aggregates telemetry of one run.
+
+    Signals
+    -------
+    record(dict)          every accepted telemetry record
+    device_changed(str)   a device's status changed
+    event(RunEvent)       something the user should see in the event log
+    finished(str)         the run ended: ``done``, ``failed``, ``oom`` or ``stopped``
+    """
+
+    def __init__(self, run_id: str, devices: list[str], config: dict[str, Any], run_dir: Path | None = None,
+                 plan: dict | None = None) -> None:
+        self.run_id = run_id
+        self.config = config
+        self.plan = plan
+        self.devices = {name: DeviceRun(name, rank) for rank, name in enumerate(devices)}
+        self.events: list[RunEvent] = []
+        self.started = time.time()
+        self.ended: float | None = None
+        self.outcome: str | None = None
+        self.rejected_lines = 0
+        self.run_dir = run_dir
+        self.record = Signal()
+        self.device_changed = Signal()
+        self.event = Signal()
+        self.finished = Signal()
+        self._log = None
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._log = open(run_dir / "telemetry.jsonl", "a", buffering=1)
+
+    # -- feeding ----------------------------------------------------------------------
+    def set_status(self, device: str, status: str, message: str | None = None) -> None:
+        dev = self.devices[device]
+        if dev.status == status and message is None:
+            return
+        dev.status = status
+        if message:
+            dev.message = message
+        self.device_changed.emit(device)
+
+    def add_event(self, device: str | None, kind: str, message: str) -> None:
+        ev = RunEvent(time.time(), device, kind, message)
+        self.events.append(ev)
+        self.event.emit(ev)
+
+    def feed(self, rec: dict) -> None:
+        """Apply one validated telemetry record."""
+        dev = self.devices.get(rec["device"])
+        if dev is None:
+            return
+        if self._log is not None:
+            self._log.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        kind = rec["type"]
+        if kind == "hello":
+            dev.pid = rec.get("pid")
+            self.set_status(dev.name, "starting")
+        elif kind == "event":
+            if rec.get("role"):
+                dev.role = rec["role"]
+            if rec["name"] == "ready":
+                self.set_status(dev.name, "running")
+            self.add_event(dev.name, "info", rec["message"])
+        elif kind == "step":
+            dev.steps = rec["step"] + 1
+            dev.samples += rec["samples"]
+            dev.local_samples += rec.get("local_samples") or 0
+            dev.busy_s += rec["latency_s"]
+            dev.latencies.append(rec["latency_per_sample_s"])
+            if rec.get("energy_j") is not None:
+                dev.energy_j += rec["energy_j"]
+                dev.energy_source, dev.energy_method = rec.get("energy_source"), rec.get("energy_method")
+            dev.peak_mem_bytes = max(dev.peak_mem_bytes, rec.get("peak_mem_bytes") or 0)
+            if rec.get("loss") is not None:
+                dev.last_loss = rec["loss"]
+            if dev.status != "running":
+                self.set_status(dev.name, "running")
+        elif kind == "oom":
+            dev.peak_mem_bytes = max(dev.peak_mem_bytes, rec.get("peak_mem_bytes") or 0)
+            limit = rec.get("limit_bytes")
+            lim = f" (limit {limit / 2**30:.2f} GiB)" if limit else ""
+            self.set_status(dev.name, "oom", f"out of memory during {rec['phase']}{lim}")
+            self.add_event(dev.name, "oom", f"{dev.name}: out of memory during {rec['phase']}{lim}: {rec['message']}")
+        elif kind == "error":
+            self.set_status(dev.name, "failed", rec["message"])
+            self.add_event(dev.name, "error", f"{dev.name}: {rec['message']}")
+        elif kind == "done":
+            dev.param_digest = rec.get("param_digest")
+            dev.done_at = time.time()
+            dev.samples = max(dev.samples, rec["samples"])  # step records may be sampled
+            if rec.get("energy_j") is not None:
+                dev.energy_j = rec["energy_j"]
+                dev.energy_source, dev.energy_method = rec.get("energy_source"), rec.get("energy_method")
+            dev.peak_mem_bytes = max(dev.peak_mem_bytes, rec.get("peak_mem_bytes") or 0)
+            self.set_status(dev.name, "done")
+        self.record.emit(rec)
+
+    def finish(self, outcome: str) -> None:
+        if self.outcome is not None:
+            return
+        self.outcome, self.ended = outcome, time.time()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self.run_dir is not None:
+            try:
+                self.save()
+            except (OSError, TypeError, ValueError) as exc:
+                log.error("could not write the run record of %s: %s", self.run_id, exc)
+        self.finished.emit(outcome)
+
+    # -- reading ----------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """Run totals: throughput, latency/energy per sample, per device."""
+        devs = list(self.devices.values())
+        steps = max((d.steps for d in devs), default=0)
+        # every rank reports the global samples of each iteration: take one rank's count
+        samples = max((d.samples for d in devs), default=0)
+        busy = max((d.busy_s for d in devs), default=0.0)
+        energy = sum(d.energy_j for d in devs)
+        methods = sorted({d.energy_method for d in devs if d.energy_method})
+        per_dev = []
+        for d in devs:
+            med = statistics.median(d.latencies[1:] or d.latencies) if d.latencies else None
+            per_dev.append({
+                "device": d.name, "rank": d.rank, "role": d.role, "status": d.status, "steps": d.steps,
+                "latency_per_sample_s": med,
+                "local_throughput_sps": d.local_samples / d.busy_s if d.busy_s else None,
+                "energy_j": d.energy_j, "energy_source": d.energy_source, "energy_method": d.energy_method,
+                "peak_mem_bytes": d.peak_mem_bytes, "exit": d.exit, "message": d.message,
+                "param_digest": d.param_digest,
+            })
+        lat = [p["latency_per_sample_s"] for p in per_dev if p["latency_per_sample_s"] is not None]
+        self._attach_predictions(per_dev)
+        return {
+            "run_id": self.run_id, "outcome": self.outcome, "steps": steps, "samples": samples,
+            "wall_s": (self.ended or time.time()) - self.started,
+            "throughput_sps": samples / busy if busy else None,
+            "latency_per_sample_s": max(lat) if lat else None,
+            "energy_per_sample_j": energy / samples if samples and energy else None,
+            "energy_methods": methods, "rejected_telemetry_lines": self.rejected_lines,
+            "devices": per_dev,
+        }
+
+    def _attach_predictions(self, per_dev: list[dict[str, Any]]) -> None:
+        """Put the plan's prediction next to each measured value (with the error)."""
+        preds = {p.get("name"): p for p in (self.plan or {}).get("predictions", [])}
+        for d in per_dev:
+            p = preds.get(d["device"])
+            if not p:
+                continue
+            pairs = {"latency_per_sample_s": (p.get("latency_per_sample_s"), d["latency_per_sample_s"]),
+                     "peak_mem_bytes": (p.get("peak_rss_bytes"), d["peak_mem_bytes"] or None)}
+            d["predicted"] = {k: {"predicted": a, "measured": b,
+                                  "error": (b - a) / a if a and b is not None else None}
+                              for k, (a, b) in pairs.items()}
+            d["predicted"]["oom"] = {"predicted": p.get("oom"), "measured": d["status"] == "oom"}
+
+    def save(self) -> Path:
+        """Write ``record.json`` atomically next to the telemetry log."""
+        assert self.run_dir is not None
+        rec = {"version": 1, "run_id": self.run_id, "started": self.started, "ended": self.ended,
+               "outcome": self.outcome, "config": self.config, "plan": self.plan,
+               "summary": self.summary(), "events": [asdict(e) for e in self.events]}
+        path = self.run_dir / "record.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, indent=1, default=str))
+        os.replace(tmp, path)
+        return path

@@ -1,0 +1,122 @@
+"""The plan preview the control panel shows: the planner's plan, plus its advice.
+
+:func:`compute_preview` plans the participants in their current order exactly as
+``edgetrain plan`` and the run record do (:func:`app.run.planning.device_specs`, then
+:func:`app.planner.plan.make_plan`), ranks the other parallelisms for a recommendation,
+and returns a :class:`PlanPreview`.  There is no second estimate: when the planner cannot
+plan (a model it has no shape for), the preview says so and shows no figures.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from app.devices.inventory import Device
+from app.planner.parallel import DevicePrediction
+from app.planner.plan import Plan, compare, make_plan
+from app.planner.shape import UnknownModelError, resolve_model
+from app.run.planning import device_specs
+from workers.config import RunSettings
+
+log = logging.getLogger("edgetrain.preview")
+
+
+@dataclass
+class PlanPreview:
+    """The plan for the participants in their current order, with the planner's advice.
+
+    Attributes
+    ----------
+    plan
+        The planner's plan (``None`` when it could not plan: see ``recommendation``).
+    recommendation
+        Lines for the user: what dominates, a better parallelism, a better order, warnings.
+    suggested_order
+        Participants in the order the planner suggests (Auto-arrange applies it).
+    error
+        Why planning failed, when it did.
+    """
+
+    plan: Plan | None = None
+    recommendation: str = ""
+    suggested_order: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def devices(self) -> list[DevicePrediction]:
+        return list(self.plan.predictions) if self.plan is not None else []
+
+    def device(self, name: str) -> DevicePrediction | None:
+        return next((d for d in self.devices if d.name == name), None)
+
+    @property
+    def any_oom(self) -> bool:
+        return any(d.oom for d in self.devices)
+
+    def total(self, key: str) -> Any:
+        """A plan total (``latency_per_sample_s``, ``energy_per_sample_j``, ...), ``None`` if absent."""
+        return self.plan.totals.get(key) if self.plan is not None else None
+
+    @property
+    def stages(self) -> list[dict] | None:
+        if self.plan is None:
+            return None
+        return [dict(s) for s in self.plan.stages] or None
+
+
+def compute_preview(settings: RunSettings, order: list[str], devices: Sequence[Device] | None = None,
+                    all_devices: Sequence[Device] | None = None, use_cache: bool = True,
+                    compare_all: bool = True) -> PlanPreview:
+    """Plan ``settings`` over ``order`` (rank order); never raises.
+
+    Parameters
+    ----------
+    settings
+        The run settings as the user has them now.
+    order
+        Participant device names in rank/stage order.
+    devices, all_devices
+        The participants' inventory devices (in ``order``) and every device of the list;
+        without them every participant is planned as a generic device.
+    use_cache
+        Read cached profiles and measured links (``$EDGETRAIN_HOME/profiles``).
+    compare_all
+        Also rank the other parallelisms and recommend the best one.
+    """
+    if not order:
+        return PlanPreview(recommendation="Tick at least one device to plan a run.")
+    try:
+        shape = resolve_model(settings.model)
+    except UnknownModelError:
+        return PlanPreview(suggested_order=list(order),
+                           recommendation=f"No plan for model {settings.model!r}: the planner knows the presets' "
+                                          "shapes only, so memory and latency are not predicted.")
+    if devices is None or [d.name for d in devices] != list(order):
+        devices = [Device(n, "0.0.0.0") for n in order]  # unknown devices: generic figures
+    try:
+        specs, links = device_specs(devices, all_devices, use_cache=use_cache)
+        plan = make_plan(shape, settings.parallelism, specs, links, settings)
+    except Exception as exc:  # noqa: BLE001 - a planner bug must not take the GUI down; it is shown
+        log.exception("the planner failed")
+        return PlanPreview(suggested_order=list(order), error=f"planner failed: {exc}",
+                           recommendation="The planner failed on these settings; the run can still be launched.")
+    rec = [plan.explanation] if plan.explanation else []
+    if compare_all:
+        rec += _advice(shape, specs, links, settings)
+    if plan.proposed_order:
+        rec.append("Auto-arrange applies the faster order " + " → ".join(plan.proposed_order) + ".")
+    rec += [w for w in plan.warnings if not w.startswith("order ")]
+    return PlanPreview(plan=plan, recommendation="\n".join(rec), suggested_order=list(plan.proposed_order or order))
+
+
+def _advice(shape: Any, specs: list, links: Any, settings: RunSettings) -> list[str]:
+    cmp = compare(shape, specs, links, settings)
+    best = cmp.best
+    if best is None:
+        return ["No parallelism fits these devices without running out of memory."]
+    if best.parallelism != settings.parallelism:
+        bt = best.totals
+        return [f"Recommended: {best.parallelism.upper()} — {bt['latency_per_sample_s'] * 1e3:.3g} ms and "
+                f"{bt['energy_per_sample_j']:.3g} J per sample."]
+    return [f"{settings.parallelism.upper()} is the planner's best choice for these devices."]
