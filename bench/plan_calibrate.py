@@ -5,7 +5,7 @@ join a one-rank gloo group exactly as a worker does (``workers.dist.init``), bui
 preset with ``workers.models``, wrap it in the DP trainer (DDP, AdamW) and time forward,
 backward and optimizer separately over a few steps, resetting the kernel's RSS
 high-water mark (``/proc/self/clear_refs``) before each phase.  The parent fits the
-constants of ``app/core/costmodel.py`` and prints them.
+constants of ``app/planner/costmodel.py`` and prints them.
 
 Usage::
 

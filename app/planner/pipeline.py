@@ -25,7 +25,7 @@ from app.planner.parallel import (
 )
 from app.planner.partition import Partition, partition, propose_order
 from app.planner.shape import FP32, ModelShape
-from workers.config import RunSettings
+from workers.config import RunSettings, Schedule
 
 HYBRID_BUCKET = 4 * 1024 * 1024   # workers.parallel.hybrid.BUCKET_ELEMS
 #: Largest block count that fits, per (stage, device, settings): the order search asks often.
@@ -84,7 +84,7 @@ class _Pipeline:
         return self.p2p_one(s, s + 1) + self.p2p_one(s, s - 1)
 
     def in_flight(self, s: int) -> int:
-        return self.m if self.st.schedule != "1f1b" else min(self.m, self.n_stages - s)
+        return self.m if self.st.schedule != Schedule.ONE_F_ONE_B else min(self.m, self.n_stages - s)
 
     def load(self, s: int, nb: int, replica: int) -> RankLoad:
         sh = self.shape
@@ -173,7 +173,7 @@ def eval_pipeline(par: str, shape: ModelShape, st: RunSettings, specs: list[Devi
     if m < 1 or any(b % m for b in shares):
         return Evaluation(par, False, f"{par.upper()}: batch share {min(shares)} does not split into {m} "
                           "equal micro-batches", order=names)
-    if st.schedule == "1f1b" and m < len(groups):
+    if st.schedule == Schedule.ONE_F_ONE_B and m < len(groups):
         return Evaluation(par, False, f"{par.upper()}: 1F1B needs micro-batches >= stages ({m} < {len(groups)})",
                           order=names)
     pipe = _Pipeline(par, shape, st, groups, links, cal)

@@ -111,31 +111,30 @@ class Plan:
 # --------------------------------------------------------------------------- planning
 
 
-def _evaluate(par: str, shape: ModelShape, st: RunSettings, specs: list[DeviceSpec], links: Links,
+def _evaluate(par: Parallelism, shape: ModelShape, st: RunSettings, specs: list[DeviceSpec], links: Links,
               stages: list[dict] | None, cal: cm.Calibration) -> Evaluation:
-    if par == "dp" or par == "sp":
-        return eval_replicated(par, shape, st, specs, links, cal)
-    if par == "tp":
+    name = par.value  # plans and their JSON carry the plain name
+    if par in (Parallelism.DP, Parallelism.SP):
+        return eval_replicated(name, shape, st, specs, links, cal)
+    if par == Parallelism.TP:
         return eval_tp(shape, st, specs, links, cal)
-    if par == "pp":
-        return eval_pipeline("pp", shape, st, specs, links, 1, stages, cal)
-    if par == "hybrid":
-        if stages:
-            return eval_pipeline("hybrid", shape, st, specs, links, stages=stages, cal=cal)
-        options = hybrid_replica_options(len(specs), shape.n_layer)
-        if not options:
-            return Evaluation("hybrid", False, f"HYBRID: {len(specs)} devices do not form >= 2 stages of >= 2 "
-                              "replicas", order=cm.names_of(specs))
-        evals = [eval_pipeline("hybrid", shape, st, specs, links, r, None, cal) for r in options]
-        return min(evals, key=_rank_key)
-    raise ValueError(f"parallelism {par!r} is not one of {', '.join(PARALLELISMS)}")
+    if par == Parallelism.PP:
+        return eval_pipeline(name, shape, st, specs, links, 1, stages, cal)
+    if stages:  # hybrid with a given split
+        return eval_pipeline(name, shape, st, specs, links, stages=stages, cal=cal)
+    options = hybrid_replica_options(len(specs), shape.n_layer)
+    if not options:
+        return Evaluation(name, False, f"HYBRID: {len(specs)} devices do not form >= 2 stages of >= 2 replicas",
+                          order=cm.names_of(specs))
+    evals = [eval_pipeline(name, shape, st, specs, links, r, None, cal) for r in options]
+    return min(evals, key=_rank_key)
 
 
 def _rank_key(ev: Evaluation) -> tuple[int, int, float]:
     return (0 if ev.feasible else 1, 1 if ev.oom else 0, ev.step_s)
 
 
-def make_plan(model: Any, parallelism: str, specs: Sequence[DeviceSpec], links: Links | None = None,
+def make_plan(model: Any, parallelism: Parallelism | str, specs: Sequence[DeviceSpec], links: Links | None = None,
               settings: RunSettings | None = None, stages: list[dict] | None = None, propose: bool = True,
               cal: cm.Calibration = cm.CALIBRATION) -> Plan:
     """Plan ``parallelism`` for ``model`` on ``specs`` (rank order = list order).
@@ -163,7 +162,7 @@ def make_plan(model: Any, parallelism: str, specs: Sequence[DeviceSpec], links: 
     """
     if parallelism not in PARALLELISMS:
         raise ValueError(f"parallelism {parallelism!r} is not one of {', '.join(PARALLELISMS)}")
-    parallelism = Parallelism(parallelism).value
+    parallelism = Parallelism(parallelism)
     shape = resolve_model(model)
     st = settings if settings is not None else RunSettings()
     specs = list(specs)
@@ -172,7 +171,7 @@ def make_plan(model: Any, parallelism: str, specs: Sequence[DeviceSpec], links: 
     links = links or Links()
     ev = _evaluate(parallelism, shape, st, specs, links, stages, cal)
     plan = _to_plan(ev, shape, st)
-    if propose and parallelism in ("pp", "hybrid") and ev.feasible and not stages and len(specs) > 2:
+    if propose and parallelism.pipelined and ev.feasible and not stages and len(specs) > 2:
         def evaluate(order: list[int]) -> Evaluation:
             return _evaluate(parallelism, shape, st, [specs[i] for i in order], links, None, cal)
 

@@ -23,7 +23,7 @@ from app.run.jobs import prepare_run
 from app.run.launcher import LaunchError
 from app.run.planning import plan_for_run
 from app.run.runstate import RunState
-from workers.config import PARALLELISMS, RunSettings
+from workers.config import PARALLELISMS, Parallelism, RunSettings, Schedule
 
 
 @dataclass
@@ -86,11 +86,11 @@ def _fill(cell: SweepCell, state: RunState) -> None:
 
 
 def plan_cells(names: list[str], parallelisms: tuple[str, ...] | list[str], single: bool = True,
-               schedules: tuple[str, ...] = ("gpipe",)) -> list[SweepCell]:
+               schedules: tuple[str, ...] = (Schedule.GPIPE.value,)) -> list[SweepCell]:
     """The cells of a sweep: an optional one-device baseline, then each parallelism."""
     cells = [SweepCell("single", "dp", names[:1])] if single else []
     for p in parallelisms:
-        if p in ("pp", "hybrid") and len(schedules) > 1:
+        if Parallelism(p).pipelined and len(schedules) > 1:
             cells += [SweepCell(f"{p}-{s}", p, list(names)) for s in schedules]
         else:
             cells.append(SweepCell(p, p, list(names)))
@@ -103,7 +103,7 @@ async def run_sweep(inv: Inventory, names: list[str] | None, base: RunSettings, 
     names = [d.name for d in inv.select(names)]
     cells = cells or plan_cells(names, PARALLELISMS)
     for cell in cells:
-        schedule = cell.label.split("-", 1)[1] if "-" in cell.label and cell.parallelism in ("pp", "hybrid") \
+        schedule = cell.label.split("-", 1)[1] if "-" in cell.label and Parallelism(cell.parallelism).pipelined \
             else base.schedule
         settings = replace(base, parallelism=cell.parallelism, schedule=schedule, stages=None)
         plan, cell.predicted = _plan(inv, cell.devices, settings)

@@ -277,7 +277,7 @@ class Topology:
         if self._stages and sorted(r for s in self._stages for r in s.get("ranks", [])) == list(range(n)):
             return self._stages
         replicas = 1
-        if self._parallelism == "hybrid" and n >= 4 and n % 2 == 0:
+        if self._parallelism == Parallelism.HYBRID and n >= 4 and n % 2 == 0:
             replicas = 2
         n_stages = max(1, n // replicas)
         return [{"ranks": list(range(s * replicas, (s + 1) * replicas)), "layers": list(rng)}
@@ -305,7 +305,7 @@ class Topology:
                 first, last = int(lay[0]), int(lay[1]) - 1
                 node.shard = (f"layers {first}–{last}" if last > first else f"layer {first}" if last == first
                               else "no layers")
-                if par == "hybrid":
+                if par == Parallelism.HYBRID:
                     node.replica = r_i
                     node.role = f"stage {s + 1}/{len(stages)} · DP replica {r_i + 1}/{len(st['ranks'])}"
                 else:

@@ -10,6 +10,7 @@ GUI thread.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -29,6 +30,8 @@ from app.signals import Signal
 from app.workspace.session import Session, load_session, save_session
 from app.workspace.topology import Topology
 from workers.config import RunSettings
+
+log = logging.getLogger("edgetrain.workspace")
 
 
 @dataclass
@@ -193,8 +196,8 @@ class Workspace:
                 try:
                     self.add_manual(d["name"], d["host"], int(d.get("port", 22)), d.get("user"), d.get("key"),
                                     d.get("python", "python3"))
-                except ValueError:
-                    pass  # reported below: the participant is missing
+                except ValueError as exc:  # the participant is then reported missing too
+                    log.warning("session %s: device %s skipped: %s", path, d["name"], exc)
         missing = [p for p in ses.participants if self.devices.get(p) is None]
         self.topology.set_participants([p for p in ses.participants if p not in missing])
         return ses, missing
