@@ -24,16 +24,20 @@ def test_session_round_trip(tmp_path):
 
 
 def test_session_overwrite_is_atomic(tmp_path, monkeypatch):
+    """A write that fails after the new text is on disk (here: the flush to disk reports
+    a full disk) leaves the old session whole and no temp file behind."""
     path = tmp_path / "session.yaml"
     save_session(path, Session(participants=["a"]))
-    import app.workspace.session as mod
+    import app.paths
 
-    def boom(*a, **k):
-        raise OSError("disk full")
-    monkeypatch.setattr(mod.os, "replace", boom)
-    with pytest.raises(OSError):
-        save_session(path, Session(participants=["b"]))
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(app.paths.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_session(path, Session(participants=["b"] * 500))
+    monkeypatch.undo()
     assert load_session(path).participants == ["a"]   # the old file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["session.yaml"]
 
 
 @pytest.mark.parametrize("text, needle", [

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from app.paths import default_known_hosts
+from app.paths import atomic_write_text, default_known_hosts
 
 INVENTORY_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -114,9 +114,7 @@ class Inventory:
                 pass
             data["known_hosts"] = str(kh)
         data["devices"] = [d.to_dict(relative_to=base) for d in self.devices]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-        os.replace(tmp, path)
+        atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def _err(path: Path, where: str, problem: str, fix: str) -> InventoryError:

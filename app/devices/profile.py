@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import shlex
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,7 +38,7 @@ from app.devices.inventory import Device
 from app.devices.probe_agent import ProbeAgent, ProfileError
 from app.devices.remote import workers_digest
 from app.devices.ssh import KnownHosts, connect
-from app.paths import edgetrain_home
+from app.paths import atomic_write_text, edgetrain_home
 from workers import probe as probe_mod
 from workers.energy_meters import DEFAULT_P_IDLE_W, DEFAULT_P_MAX_W
 
@@ -162,10 +161,7 @@ class ProfileCache:
         self.dir = Path(path) if path is not None else default_cache_dir()
 
     def _atomic(self, path: Path, data: dict[str, Any]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(data, indent=1))
 
     def load(self, name: str) -> DeviceProfile | None:
         try:

@@ -7,13 +7,13 @@ differs from the stored one is always refused.  Authentication is key-only.
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import asyncssh
 
 from app.devices.inventory import Device
+from app.paths import atomic_write_text
 
 PLAIN_HOST_KEY_ALGS = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
                        "rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")
@@ -95,10 +95,7 @@ class KnownHosts:
             self._lines = [ln for ln in self._lines if not ln.split() or pat not in ln.split()[0].split(",")]
         line = f"{pat} {key.export_public_key('openssh').decode().strip()}"
         self._lines.append(line)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text("\n".join(self._lines) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "\n".join(self._lines) + "\n")
         self.reload()
 
 

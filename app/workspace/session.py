@@ -13,13 +13,13 @@ saved as YAML (atomically: a crash mid-write never loses the previous file)::
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from app.paths import atomic_write_text
 from workers.config import RunSettings
 
 SESSION_VERSION = 1
@@ -53,12 +53,7 @@ def _settings(data: Any, path: Path) -> RunSettings:
 
 def save_session(path: Path | str, session: Session) -> Path:
     """Write ``session`` to ``path`` atomically; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("# EdgeTrain session\n" + yaml.safe_dump(session.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "# EdgeTrain session\n" + yaml.safe_dump(session.to_dict(), sort_keys=False))
 
 
 def load_session(path: Path | str) -> Session:
