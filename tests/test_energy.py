@@ -1,7 +1,10 @@
 """Energy meters against fixture trees shaped like real sysfs, plus this machine's own."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -210,17 +213,48 @@ def test_ina3221x_iio_in_power(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- estimate
 
 
-def test_estimate_busy_loop_between_idle_and_max() -> None:
-    meter = EstimateMeter(p_idle_w=5.0, p_max_w=15.0)
-    meter.start()
-    end = time.monotonic() + 0.3
+ESTIMATE_PROBE = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from workers.energy_meters import EstimateMeter
+mode, p_idle, p_max, threads, cpu_s = sys.argv[2], *map(float, sys.argv[3:6]), float(sys.argv[6])
+meter = EstimateMeter(p_idle, p_max, threads=int(threads))
+meter.start()
+c0 = time.process_time()
+if mode == "busy":          # burn cpu_s seconds of CPU, however long the shared cores take
     x = 0
-    while time.monotonic() < end:
+    while time.process_time() - c0 < cpu_s:
         x += 1
-    r = meter.read()
-    assert r.joules > 0
-    assert 5.0 * r.seconds <= r.joules <= 15.0 * r.seconds
-    assert (r.source, r.method) == ("estimate", "estimated")
+else:                       # idle for the given wall time
+    time.sleep(cpu_s)
+r = meter.read()
+print(json.dumps({"joules": r.joules, "seconds": r.seconds, "cpu_s": time.process_time() - c0,
+                  "source": r.source, "method": r.method}))
+"""
+
+
+def run_estimate_probe(mode: str, seconds: float, p_idle: float, p_max: float, threads: int) -> dict:
+    """One fresh process measuring itself with an EstimateMeter while busy or idle."""
+    root = str(Path(__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-c", ESTIMATE_PROBE, root, mode, str(p_idle), str(p_max),
+                          str(threads), str(seconds)], capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout)
+
+
+def test_estimate_busy_process_uses_more_energy_than_idle_one() -> None:
+    # The same meter settings in two processes: one burns 0.5 s of CPU, the other sleeps for
+    # as long as the busy one took. Only the CPU share tells them apart.
+    p_idle, p_max, threads = 5.0, 15.0, 1
+    busy = run_estimate_probe("busy", 0.5, p_idle, p_max, threads)
+    idle = run_estimate_probe("idle", busy["seconds"], p_idle, p_max, threads)
+    assert (busy["source"], busy["method"]) == ("estimate", "estimated")
+    # the idle process's energy over the busy one's wall time, at its own average power
+    idle_same_wall = idle["joules"] / idle["seconds"] * busy["seconds"]
+    assert busy["joules"] > idle_same_wall, (busy, idle)
+    # clearly more: the extra energy is what the burnt CPU accounts for under the model
+    # (P_max - P_idle) * cpu / threads, allowing for half of it lost to measurement noise
+    extra_from_cpu = (p_max - p_idle) * busy["cpu_s"] / threads
+    assert busy["joules"] - idle_same_wall >= 0.5 * extra_from_cpu, (busy, idle)
 
 
 def test_estimate_defaults_say_so() -> None:

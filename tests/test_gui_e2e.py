@@ -69,21 +69,53 @@ def worker_processes(tb: Testbed) -> list[psutil.Process]:
     return out
 
 
+def live_chart_observer(w: QtMainWindow, total_steps: int):
+    """A ``waitUntil`` callback recording the charts' point counts seen while the run is going.
+
+    Each call reads the latency and energy point counts first, then the run state: the
+    counts are kept only when, after they were read, the run was still running and no
+    device had reached its last step (the run state is fed from the asyncio thread ahead
+    of the charts, so those points were drawn before the run could have ended). The
+    callback is true once two such observations show both series grown, or once the run
+    is over (then the caller's assertion reports what was seen).
+    """
+    live: list[tuple[int, int, int]] = []   # (latency points, energy points, steps done) while going
+
+    def grown() -> bool:
+        return len(live) >= 2 and live[-1][0] > live[0][0] and live[-1][1] > live[0][1]
+
+    def check() -> bool:
+        lat, en = w.charts.point_count("latency"), w.charts.point_count("energy")
+        state = w.run.state
+        if not w.run.running or state is None:
+            return True
+        step = max((d.steps for d in state.devices.values()), default=0)
+        if step < total_steps and lat and en and (not live or (lat, en) != live[-1][:2]):
+            live.append((lat, en, step))
+        return grown()
+
+    check.live, check.grown = live, grown
+    return check
+
+
 def test_run_from_window_shows_live_points_and_summary(qtbot, testbed, tmp_path):
+    steps = 30
     w = open_window(qtbot, testbed, tmp_path, ["dev0", "dev1"],
-                    RunSettings(model="tiny-gpt2", parallelism="dp", steps=30, batch_size=32, sync_every=2))
+                    RunSettings(model="tiny-gpt2", parallelism="dp", steps=steps, batch_size=32, sync_every=2))
     w.launch_action.trigger()
     assert w.run.running and not w.launch_action.isEnabled()
     assert w.devices_panel.model.status(w.workspace.devices.get("dev0")) == "busy"
-    # live: points on the latency and energy charts while the run is still going
-    qtbot.waitUntil(lambda: w.charts.point_count("latency") >= 2 and w.charts.point_count("energy") >= 2,
-                    timeout=RUN_TIMEOUT_MS)
-    live_latency = w.charts.point_count("latency")
-    assert live_latency >= 2
+    # live: the latency and energy charts grow, in two observations, while the run is still
+    # going (running, and no device at its last step): a run whose telemetry reached the
+    # charts only at the end fails here, as soon as it ends
+    observe = live_chart_observer(w, steps)
+    qtbot.waitUntil(observe, timeout=RUN_TIMEOUT_MS)
+    assert observe.grown(), f"no chart growth seen while the run was going: {observe.live} " \
+                            f"(running={w.run.running}); events: {w.event_log.rows()}"
     qtbot.waitUntil(lambda: w.summary.summary is not None, timeout=RUN_TIMEOUT_MS)
     s = w.summary.summary
     assert s["outcome"] == "done", w.event_log.rows()
-    assert s["steps"] == 30 and s["energy_per_sample_j"] > 0
+    assert s["steps"] == steps and s["energy_per_sample_j"] > 0
     assert "done" in w.summary.headline.text() and w.summary.table.rowCount() == 2
     assert w.workspace.topology.node("dev0").status == "done" and not w.run.running
     assert w.launch_action.isEnabled()

@@ -35,9 +35,12 @@ PRESETS = ["jetson-nano", "laptop", "jetson-tx2", "jetson-nx"]
 from tests.qtleaks import no_leaks  # noqa: E402,F401 -- autouse fixture
 
 
-def write_inventory(path: Path, n: int, known_hosts: str | None = None) -> Path:
+def write_inventory(path: Path, n: int, known_hosts: str | None = None,
+                    presets: list[str] | None = None) -> Path:
+    """``n`` inventory devices ``dev0..``; board presets cycle through ``presets`` (default PRESETS)."""
+    presets = presets or PRESETS
     devices = [{"name": f"dev{i}", "host": f"127.0.{1 + i // 200}.{1 + i % 200}", "port": 22 + i,
-                "labels": {"preset": PRESETS[i % len(PRESETS)]}} for i in range(n)]
+                "labels": {"preset": presets[i % len(presets)]}} for i in range(n)]
     data = {"version": 1, "devices": devices}
     if known_hosts:
         data["known_hosts"] = known_hosts
@@ -159,23 +162,41 @@ def test_plan_preview_follows_reorder(qtbot, tmp_path):
 
 
 def test_auto_arrange_is_one_undoable_command(qtbot, tmp_path):
-    w = open_window(qtbot, tmp_path, write_inventory(tmp_path / "inv.yaml", 4))
+    # The slowest board (a Nano: one thread, 4 GiB) holds stage 1 and a TX2 the last stage:
+    # the planner predicts another order to be more than 5% faster for pp over > 2 devices
+    # (make_plan's proposal rule), so Auto-arrange has a real reordering to apply.
+    inv = write_inventory(tmp_path / "inv.yaml", 4, presets=["jetson-nano", "laptop", "laptop", "jetson-tx2"])
+    w = open_window(qtbot, tmp_path, inv)
     s = w.run_config.settings()
-    s.model, s.parallelism = "gpt2-s", "pp"
+    s.model, s.parallelism = "distilbert", "pp"
     w.run_config.set_settings(s)
-    for n in ("dev0", "dev2", "dev3", "dev1"):
+    for n in ("dev0", "dev1", "dev2", "dev3"):
         w.toggle_participant(n, True)
-    qtbot.waitUntil(lambda: w.planner.latest is not None and not w.planner.busy, timeout=10000)
-    w.undo.clear()
     before = w.workspace.topology.participants
+    assert before == ["dev0", "dev1", "dev2", "dev3"]
+    # the plan of exactly this order (not of a partial tick sequence) has arrived
+    qtbot.waitUntil(lambda: not w.planner.busy and w.planner.latest is not None
+                    and [d.name for d in w.planner.latest.devices] == before, timeout=10000)
+    pv = w.planner.latest
+    assert pv.plan is not None and pv.plan.proposed_order, pv.recommendation
+    suggested = pv.suggested_order
+    assert suggested == pv.plan.proposed_order and sorted(suggested) == sorted(before)
+    assert suggested != before, "the set-up must make the planner propose another order"
+    w.undo.clear()
     w.auto_arrange()
-    suggested = w.planner.latest.suggested_order
-    assert sorted(suggested) == sorted(before)
     assert w.workspace.topology.participants == suggested
-    if suggested != before:
-        assert w.undo.count() == 1
-        w.undo.undo()
-        assert w.workspace.topology.participants == before
+    assert w.undo.count() == 1 and w.undo.canUndo()      # one command for the whole reordering
+    assert [w.scene.item(n).pos() for n in suggested] == [w.scene.slot_pos(i) for i in range(4)]
+    w.undo.undo()                                         # one step back restores the user's order
+    assert w.workspace.topology.participants == before and not w.undo.canUndo()
+    assert [w.scene.item(n).pos() for n in before] == [w.scene.slot_pos(i) for i in range(4)]
+    w.undo.redo()
+    assert w.workspace.topology.participants == suggested
+    # applying it again is a no-op: nothing new is pushed
+    qtbot.waitUntil(lambda: not w.planner.busy and w.planner.latest is not None
+                    and [d.name for d in w.planner.latest.devices] == suggested, timeout=10000)
+    w.auto_arrange()
+    assert w.undo.count() == 1 and w.workspace.topology.participants == suggested
     close_window(w)
 
 

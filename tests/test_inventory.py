@@ -1,6 +1,11 @@
 """Inventory validation: every bad file names the file, the entry and the field."""
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from app.devices.inventory import Device, Inventory, InventoryError, load_inventory
@@ -90,7 +95,7 @@ def test_selecting_a_device_twice_is_refused():
         inv.select(["a", "b", "a"])
 
 
-def test_save_is_atomic_and_keeps_previous_on_failure(tmp_path, monkeypatch):
+def test_save_keeps_previous_when_dump_fails(tmp_path, monkeypatch):
     path = tmp_path / "inv.yaml"
     Inventory([Device("a", "h1")]).save(path)
     before = path.read_text()
@@ -99,3 +104,96 @@ def test_save_is_atomic_and_keeps_previous_on_failure(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         Inventory([Device("b", "h2")]).save(path)
     assert path.read_text() == before
+
+
+# A process that saves a 100-device inventory with Inventory.save and is SIGKILLed by its
+# own file layer once KILL_AT characters have gone into a file it opened for writing in
+# the target's folder (KILL_AT = everything: killed when it closes that file; -1: never).
+# Every way Python opens a file for writing goes through io.open (open(), Path.open,
+# Path.write_text, os.fdopen, tempfile), so wherever save writes, the crash lands mid-write.
+CRASHING_SAVE = """
+import builtins, io, os, signal, sys
+root, target, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sys.path.insert(0, root)
+from app.devices.inventory import Device, Inventory
+
+inv = Inventory([Device(f"dev{i}", f"10.0.{i // 200}.{1 + i % 200}", port=2200 + i, labels={"rack": str(i)})
+                 for i in range(100)])
+folder = os.path.dirname(os.path.abspath(target))
+real_open = io.open
+
+
+class Crashing:
+    def __init__(self, f):
+        self._f, self._n = f, 0
+
+    def _die(self):
+        self._f.flush()                       # what was written reaches the file, then: SIGKILL
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def write(self, data):
+        if kill_at >= 0 and self._n + len(data) > kill_at:
+            self._f.write(data[:kill_at - self._n])
+            self._die()
+        self._n += len(data)
+        return self._f.write(data)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def close(self):
+        if kill_at >= 0:
+            self._die()                       # all written, not yet closed (or renamed)
+        return self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def crashing_open(file, mode="r", *args, **kwargs):
+    f = real_open(file, mode, *args, **kwargs)
+    where = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else os.path.abspath(os.fspath(file))
+    if any(c in mode for c in "wax+") and os.path.dirname(where) == folder:
+        return Crashing(f)
+    return f
+
+
+builtins.open = io.open = crashing_open
+inv.save(target)
+"""
+
+
+def crashing_save(target, kill_at: int) -> subprocess.CompletedProcess:
+    root = str(Path(__file__).resolve().parent.parent)
+    return subprocess.run([sys.executable, "-c", CRASHING_SAVE, root, str(target), str(kill_at)],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_save_killed_mid_write_leaves_old_or_new_file_never_a_torn_one(tmp_path):
+    path = tmp_path / "inv.yaml"
+    Inventory([Device("old0", "h1"), Device("old1", "h2", port=2022)]).save(path)
+    old = path.read_text()
+    done = crashing_save(tmp_path / "expected.yaml", -1)     # the same save, never killed
+    assert done.returncode == 0, done.stderr
+    new = (tmp_path / "expected.yaml").read_text()
+    assert new != old and len(load_inventory(tmp_path / "expected.yaml").devices) == 100
+    n = len(new)
+    kill_points = sorted({0, 1, n - 1, n, *(n * i // 8 for i in range(1, 8))})
+    for kill_at in kill_points:
+        proc = crashing_save(path, kill_at)
+        assert proc.returncode == -signal.SIGKILL, (kill_at, proc.returncode, proc.stderr)
+        now = path.read_text()
+        assert now in (old, new), f"killed after {kill_at} of {n} characters: the inventory is torn " \
+                                  f"({len(now)} characters: {now[-80:]!r})"
+        assert [d.name for d in load_inventory(path).devices] in (["old0", "old1"],
+                                                                  [f"dev{i}" for i in range(100)])
+    proc = crashing_save(path, -1)
+    assert proc.returncode == 0, proc.stderr
+    assert path.read_text() == new
