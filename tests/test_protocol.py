@@ -63,3 +63,59 @@ def test_record_for_another_device_is_rejected():
     p = TelemetryParser()
     assert p.feed("d1", json.dumps(GOOD)) is None
     assert "claims device 'd0'" in p.reasons[0]
+
+
+# --------------------------------------------------------------------- param_moments
+
+DONE = {"v": 1, "type": "done", "run": "r", "rank": 0, "device": "d0", "t": 1.0, "steps": 3, "samples": 48,
+        "wall_s": 1.5}
+
+
+def test_param_moments_parse_back():
+    buf = io.StringIO()
+    moments = {"hf.score.weight": [128, 128, 0.25, 1.5], "hf.transformer.h.0.mlp.c_fc.weight": [8192, 16384, -3.0, 40.0],
+               "diverged": [4, 4, float("nan"), float("inf")]}
+    Emitter("r", 0, "d0", buf).emit("done", steps=3, samples=48, wall_s=1.5, param_moments=moments)
+    rec = parse_line(buf.getvalue())
+    assert rec["param_moments"]["hf.transformer.h.0.mlp.c_fc.weight"] == [8192, 16384, -3.0, 40.0]
+    assert rec["param_moments"]["diverged"][2] != rec["param_moments"]["diverged"][2]   # NaN survives
+
+
+@pytest.mark.parametrize("moments, reason", [
+    ([1, 1, 0.0, 0.0], "is a list, expected an object"),
+    ({"w": [4, 4, 0.0]}, "expected [local_count, full_count, sum, sum_of_squares]"),
+    ({"w": "4,4,0,0"}, "expected [local_count"),
+    ({"w": [4.0, 4, 0.0, 1.0]}, "are not whole numbers"),
+    ({"w": [True, 4, 0.0, 1.0]}, "are not whole numbers"),
+    ({"w": [0, 4, 0.0, 1.0]}, "need 0 < local_count <= full_count"),
+    ({"w": [8, 4, 0.0, 1.0]}, "need 0 < local_count <= full_count"),
+    ({"w": [4, 4, "0.5", 1.0]}, "are not numbers"),
+    ({"w": [4, 4, 0.5, None]}, "are not numbers"),
+    ({"w": [4, 4, 0.5, -1.0]}, "is negative"),
+    ({"": [4, 4, 0.5, 1.0]}, "empty parameter name"),
+])
+def test_malformed_param_moments_are_rejected(moments, reason):
+    p = TelemetryParser()
+    assert p.feed("d0", json.dumps({**DONE, "param_moments": moments})) is None
+    assert p.rejected["d0"] == 1
+    assert "'param_moments'" in p.reasons[0] and reason in p.reasons[0]
+    with pytest.raises(ProtocolError, match="param_moments"):
+        Emitter("r", 0, "d0", io.StringIO()).emit("done", steps=3, samples=48, wall_s=1.5, param_moments=moments)
+
+
+def test_fingerprint_assembles_shards_stages_and_replicas():
+    from app.run.fingerprint import combine, differing
+    full = {"a": (4, 2.0, 3.0), "b": (6, -1.0, 5.0)}
+    tp = [{"a": [2, 4, 0.5, 1.0], "b": [6, 6, -1.0, 5.0]}, {"a": [2, 4, 1.5, 2.0], "b": [6, 6, -1.0, 5.0]}]
+    pp = [{"a": [4, 4, 2.0, 3.0]}, {"b": [6, 6, -1.0, 5.0]}]
+    for ranks in (tp, pp, pp + pp):                           # shards add, stages join, replicas agree
+        got, problems = combine(ranks)
+        assert not problems and not differing(got, full)
+    got, problems = combine([tp[0]])                              # a missing shard
+    assert problems == ["a: shards hold 2 of 4 elements"] and differing(got, full) == ["a"]
+    _, problems = combine([pp[0], {"a": [4, 4, 2.5, 3.0]}])     # replicas drifted
+    assert problems and problems[0].startswith("a: replicas disagree")
+    assert differing({**full, "a": (4, 2.0 + 1e-7, 3.0)}, full) == []            # rounding
+    assert differing({**full, "a": (4, 2.01, 3.0)}, full) == ["a"]
+    assert differing({**full, "a": (4, 2.0, float("nan"))}, full) == ["a"]
+    assert differing({**full, "a": (4, 2.01, 3.0)}, full, atol_for={"a": 0.01}) == []

@@ -14,6 +14,7 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
 VERSION = 1
@@ -50,6 +51,38 @@ OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "peak_mem_bytes": int, "peak_rss_bytes": int, "limit_bytes": int, "mem_limit_bytes": int,
     "comm_s": NUM, "energy_source": str, "energy_method": str, "role": str, "param_digest": str,
 }
+
+
+def check_param_moments(value: Any) -> str | None:
+    """Why ``value`` is not a valid ``param_moments`` field, or ``None`` when it is.
+
+    The field maps each parameter's full name (its name in the one-device model) to
+    ``[local_count, full_count, sum, sum_of_squares]`` over the tensor this rank holds:
+    element counts (``0 < local_count <= full_count``; less for a shard of a tensor split
+    over ranks) and float64 sums.  The sums may be NaN/inf (a diverged run reports
+    them; they compare unequal to everything) but a sum of squares is never negative.
+    """
+    if not isinstance(value, dict):
+        return f"is a {type(value).__name__}, expected an object of name -> moments"
+    for name, m in value.items():
+        if not name:
+            return "has an empty parameter name"
+        if not isinstance(m, list) or len(m) != 4:
+            return f"[{name!r}] is {m!r}, expected [local_count, full_count, sum, sum_of_squares]"
+        local, full, total, squares = m
+        if any(isinstance(x, bool) for x in m) or not isinstance(local, int) or not isinstance(full, int):
+            return f"[{name!r}] counts {local!r}, {full!r} are not whole numbers"
+        if not 0 < local <= full:
+            return f"[{name!r}] counts {local}, {full}: need 0 < local_count <= full_count"
+        if not isinstance(total, NUM) or not isinstance(squares, NUM):
+            return f"[{name!r}] sums {total!r}, {squares!r} are not numbers"
+        if squares < 0:
+            return f"[{name!r}] sum of squares {squares!r} is negative"
+    return None
+
+
+#: Optional fields with structure: a checker returns why a value is malformed (or None).
+STRUCTURED: dict[str, Callable[[Any], str | None]] = {"param_moments": check_param_moments}
 
 
 class ProtocolError(ValueError):
@@ -93,6 +126,11 @@ def validate(obj: Any) -> dict:
         value = obj.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, typ)):
             raise ProtocolError(f"{kind} record field {name!r} has {type(value).__name__} {value!r}")
+    for name, check in STRUCTURED.items():
+        value = obj.get(name)
+        reason = check(value) if value is not None else None
+        if reason:
+            raise ProtocolError(f"{kind} record field {name!r} {reason[:200]}")
     return obj
 
 

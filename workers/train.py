@@ -27,6 +27,38 @@ def _param_digest(state: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def _param_moments(state: dict, full_counts: dict[str, int], chunk: int = 1 << 20) -> dict[str, list]:
+    """Layout-independent fingerprint of this rank's parameters (``param_moments``).
+
+    Per full parameter name: ``[local_count, full_count, sum, sum_of_squares]`` of the
+    tensor held here, summed in float64.  A shard's moments add up with its siblings'
+    to the full tensor's whatever the shard layout (split, transposed, permuted), so the
+    controller can assemble the whole model's moments from every rank and compare them
+    with a one-device run (``app.run.fingerprint``).  Summed in chunks: no float64 copy
+    of a large tensor on a small device.
+    """
+    import torch
+
+    out: dict[str, list] = {}
+    for name in sorted(state):
+        t = state[name].detach()
+        if t.is_meta or t.numel() == 0:
+            continue
+        total = squares = torch.zeros((), dtype=torch.float64, device=t.device)
+        for part in t.reshape(-1).split(chunk):
+            part = part.to(torch.float64)
+            total = total + part.sum()
+            squares = squares + part.dot(part)
+        out[name] = [t.numel(), max(t.numel(), full_counts.get(name, 0)), float(total), float(squares)]
+    return out
+
+
+def _full_counts(model) -> dict[str, int]:
+    """Element count of every parameter of the one-device model, by full name (a sharded
+    DTensor parameter counts its global shape; a part left on ``meta`` still has its shape)."""
+    return {name: p.numel() for name, p in model.named_parameters()}
+
+
 def _env_float(name: str) -> float | None:
     value = os.environ.get(name)
     try:
@@ -133,10 +165,12 @@ def run(cfg, rank: int, emitter) -> int:
         wall = time.perf_counter() - t_start
         total = meter.read()
         meter.close()
+        local = trainer.local_state()
         emitter.emit("done", steps=cfg.steps, samples=samples_done, wall_s=wall,
                      energy_j=total.joules, energy_source=total.source, energy_method=total.method,
                      energy_detail=total.detail, peak_mem_bytes=_peak(tracker), peak_rss_bytes=tracker.peak(),
-                     param_digest=_param_digest(trainer.local_state()), role=trainer.role)
+                     param_digest=_param_digest(local),
+                     param_moments=_param_moments(local, _full_counts(model)), role=trainer.role)
         # No destroy_process_group: with gloo it can block when peers exit first (seen in
         # CI: a rank hung after its `done`). Every collective has finished by now and the
         # process leaves through os._exit, which closes its sockets.

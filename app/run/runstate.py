@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.run.fingerprint import Moments, combine
 from app.signals import Signal
 
 log = logging.getLogger("edgetrain.runstate")
@@ -43,6 +44,8 @@ class DeviceRun:
     exit: str | None = None
     message: str | None = None
     param_digest: str | None = None
+    # per full parameter name: [local_count, full_count, sum, sum_of_squares] (``done``)
+    param_moments: dict[str, list] | None = None
     done_at: float | None = None
 
 
@@ -143,6 +146,7 @@ class RunState:
             self.add_event(dev.name, "error", f"{dev.name}: {rec['message']}")
         elif kind == "done":
             dev.param_digest = rec.get("param_digest")
+            dev.param_moments = rec.get("param_moments")
             dev.done_at = time.time()
             dev.samples = max(dev.samples, rec["samples"])  # step records may be sampled
             if rec.get("energy_j") is not None:
@@ -167,6 +171,15 @@ class RunState:
         self.finished.emit(outcome)
 
     # -- reading ----------------------------------------------------------------------
+    def param_moments(self) -> tuple[dict[str, Moments] | None, list[str]]:
+        """The trained model's fingerprint: per full parameter name, the whole tensor's
+        (count, sum, sum of squares) assembled from every rank (``app.run.fingerprint``),
+        and what did not add up.  ``(None, [])`` until every device has reported it."""
+        reports = [d.param_moments for d in self.devices.values()]
+        if not reports or any(r is None for r in reports):
+            return None, []
+        return combine(reports)
+
     def summary(self) -> dict[str, Any]:
         """Run totals: throughput, latency/energy per sample, per device."""
         devs = list(self.devices.values())
@@ -189,6 +202,7 @@ class RunState:
             })
         lat = [p["latency_per_sample_s"] for p in per_dev if p["latency_per_sample_s"] is not None]
         self._attach_predictions(per_dev)
+        moments, problems = self.param_moments()
         return {
             "run_id": self.run_id, "outcome": self.outcome, "steps": steps, "samples": samples,
             "wall_s": (self.ended or time.time()) - self.started,
@@ -197,6 +211,8 @@ class RunState:
             "energy_per_sample_j": energy / samples if samples and energy else None,
             "energy_methods": methods, "rejected_telemetry_lines": self.rejected_lines,
             "devices": per_dev,
+            # layout-independent: comparable with a one-device run of the same settings
+            "param_moments": moments, "param_moments_problems": problems,
         }
 
     def _attach_predictions(self, per_dev: list[dict[str, Any]]) -> None:
