@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.paths import atomic_write_text
 from app.run.fingerprint import Moments, combine
 from app.signals import Signal
 
@@ -236,7 +236,5 @@ class RunState:
                "outcome": self.outcome, "config": self.config, "plan": self.plan,
                "summary": self.summary(), "events": [asdict(e) for e in self.events]}
         path = self.run_dir / "record.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec, indent=1, default=str))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(rec, indent=1, default=str))
         return path
