@@ -24,6 +24,7 @@ from typing import Any
 
 import psutil
 
+from app.paths import atomic_write_text
 from app.testbed.emulation import TestbedError, parse_size, plan_devices
 from app.testbed.local import (
     DEFAULT_BASE_ADDR,
@@ -268,9 +269,7 @@ async def _serve(ns: argparse.Namespace) -> None:
                  "started": tb.started, "devices": [
                      {**asdict(x), "home": str(x.home), "host_key": str(x.host_key)}
                      for x in tb.devices]}
-        tmp = tb.dir / "state.json.tmp"
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(tb.dir / "state.json")  # atomic: `up` polls for it
+        atomic_write_text(tb.dir / "state.json", json.dumps(state, indent=2))  # atomic: `up` polls for it
         await stop.wait()
         log.info("stopping")
     st = _read_state(tb.dir)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import re
 import secrets
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from app.paths import atomic_write_text
 
 BRIDGE = "etbr0"
 NS_PREFIX = "et-"
@@ -178,9 +179,7 @@ class State:
         self.save()
 
     def save(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.data, indent=1))
 
 
 __all__ = ["BRIDGE", "IFNAMSIZ", "NS_PREFIX", "STATE_FILE", "SUBNET", "NetnsError", "NetnsNames", "State",
