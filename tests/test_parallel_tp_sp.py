@@ -1,7 +1,8 @@
 """TP and SP equivalence: sharded weights / split sequences train like one device.
 
-Spawned tests run real gloo ranks through ``tests/equiv.py`` and compare every parameter
-after a few optimizer steps with one-process training on the same global batches.  The
+Spawned tests run real gloo ranks through ``tests/equiv.py`` and compare the gradients
+of the first optimizer step (sharded ones gathered) and every parameter after a few
+optimizer steps with one-process training on the same global batches.  The
 in-process tests pin down the pieces those runs rely on (the gpt2 q/k/v re-ordering, the
 chunk-offset causal mask, the re-expressed layer forwards).
 """
@@ -10,12 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.equiv import assert_matches, free_port, make_cfg, reference, run_parallel
+from tests.equiv import assert_grads_match, assert_matches, free_port, make_cfg, reference, run_parallel
 
 # Parameters whose exact gradient is zero: a key bias adds q·b_k to every score of a
 # query, which softmax ignores.  Their float "gradient" is rounding noise (~1e-9) that
 # AdamW normalises into real but arbitrary updates (~1 % of lr per step), so two correct
 # runs that sum in different orders disagree there.  Compared with atol = lr / 10.
+# (Their gradients need no such care: the noise is far below the gradient check's atol.)
 _KEY_BIAS = {"bert": "attention.k_lin.bias", "opt": "self_attn.k_proj.bias"}
 
 
@@ -34,13 +36,16 @@ def _split_key_biases(state: dict[str, torch.Tensor], family: str, width: int) -
 
 
 def _check_run(cfg, family: str, width: int) -> list[dict]:
-    ref_losses, ref_state = reference(cfg)
+    ref_losses, ref_state, ref_grads = reference(cfg)
     # A fresh port just before spawning: make_cfg's port sat free during the reference
     # run, long enough for a concurrent test to take it.
     cfg.master_port = free_port()
     ranks = run_parallel(cfg)
     ref_rest, ref_keys = _split_key_biases(ref_state, family, width)
     for r in ranks:
+        # Gradients first: AdamW's update hides a wrong gradient scale (a sum averaged,
+        # a missing or doubled all-reduce) from the parameter check below.
+        assert_grads_match(ref_grads, [r["grads0"]])
         rest, keys = _split_key_biases(r["state"], family, width)
         assert_matches(ref_rest, [rest], rtol=1e-4)
         assert_matches(ref_keys, [keys], rtol=1e-4, atol=cfg.lr / 10)
