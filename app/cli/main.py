@@ -9,6 +9,7 @@ from app.cli import devices, gui, plan, run, sweep, testbed
 from app.devices.inventory import InventoryError
 from app.devices.ssh import SSHError
 from app.run.launcher import LaunchError
+from app.testbed.emulation import TestbedError
 
 #: Each command group registers its own subcommands, next to what it drives.
 COMMAND_GROUPS = (testbed, run, devices, plan, sweep, gui)
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (InventoryError, LaunchError, SSHError, KeyError, ValueError) as exc:
+    except (InventoryError, LaunchError, SSHError, TestbedError, KeyError, ValueError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"error: {msg}", file=sys.stderr)
         return 2
