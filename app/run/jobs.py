@@ -12,7 +12,7 @@ import yaml
 
 from app.devices.inventory import Device, Inventory
 from app.devices.ssh import KnownHosts
-from app.paths import default_runs_dir
+from app.paths import atomic_write_text, default_runs_dir
 from app.planner.plan import plan_stages
 from app.planner.shape import UnknownModelError
 from app.run.launcher import Launcher, new_run_id
@@ -36,8 +36,8 @@ def make_job(settings: RunSettings, devices: list[Device], stages: list[dict] | 
 def _plan_or_none(inv: Inventory, names: list[str], settings: RunSettings) -> dict | None:
     """The planner's predictions for the run record.
 
-    A model the planner has no shape for (a local Hugging Face directory) still runs: the
-    record then says why it holds no plan.
+    A model the planner has no shape for (a local Hugging Face directory) still runs,
+    without predictions; the log says why.
     """
     try:
         return plan_for_run(inv, names, settings).to_dict()
@@ -66,7 +66,7 @@ def prepare_run(inv: Inventory, names: list[str] | None, settings: RunSettings,
     inv_copy = Inventory(devices=devices, known_hosts=inv.known_hosts)
     inv_copy.save(run_dir / "inventory.yaml")
     config = {"settings": settings.settings().to_dict(), "job": job.to_dict()}
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     state = RunState(job.run_id, [d.name for d in devices], config, run_dir=run_dir, plan=plan)
     known = KnownHosts(inv.known_hosts_file())
     return Launcher(devices, job, known, state, stall_s=settings.stall_s), state
