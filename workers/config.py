@@ -186,6 +186,10 @@ class JobConfig(RunSettings):
         Steps between step records.
     power
         The device's power figures for the energy estimate (``p_idle_w``, ``p_max_w``).
+    lifeline_s
+        A worker that hears nothing from its controller for this long, or whose stdin
+        closes, ends itself (:mod:`workers.lifeline`); 0 turns the lifeline off (a worker
+        started by hand or by a bench, with no controller writing to it).
 
     ``lr`` is resolved (never ``None``) and ``stages`` is a list (empty unless pipelined).
     """
@@ -199,6 +203,7 @@ class JobConfig(RunSettings):
     threads: int = 0
     telemetry_every: int = 1
     power: dict = field(default_factory=dict)
+    lifeline_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.lr = self.resolved_lr()

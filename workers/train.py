@@ -193,6 +193,7 @@ def run(cfg, rank: int, emitter) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import lifeline
     from .config import JobConfig
     from .protocol import Emitter
 
@@ -206,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     emitter.emit("hello", world_size=cfg.world_size, parallelism=cfg.parallelism, model=cfg.model,
                  pid=os.getpid(), host=socket.gethostname(), addr=cfg.addrs[args.rank],
                  python=sys.version.split()[0])
+    if cfg.lifeline_s > 0:
+        lifeline.watch(cfg.lifeline_s)
     code = EXIT_ERROR
     try:
         code = run(cfg, args.rank, emitter)

@@ -26,10 +26,15 @@ from app.devices.ssh import KnownHosts, SSHError, connect
 from app.run.runstate import RunState
 from app.run.telemetry import TelemetryParser
 from workers.config import JobConfig
+from workers.lifeline import EXIT_ORPHANED, HEARTBEATS_PER_TIMEOUT
 
 log = logging.getLogger("edgetrain.launch")
 PID_TAG = "EDGETRAIN_PID"
 EXIT_OOM = 3
+#: How long a worker waits for a silent controller before it ends itself.  Generous: the
+#: launcher's loop can be busy for a moment (a GUI thread, a slow SFTP copy), and a lost
+#: controller is noticed at once anyway when its connection closes.
+LIFELINE_S = 30.0
 
 
 class LaunchError(RuntimeError):
@@ -112,14 +117,20 @@ class Launcher:
         EdgeTrain's trusted-domain store.
     state
         Receives every record and status change.
+    stall_s
+        No telemetry for this long: look for a frozen device.
+    lifeline_s
+        A worker that hears nothing from this launcher for this long ends itself
+        (:mod:`workers.lifeline`); the launcher writes a heartbeat several times as often.
     """
 
     def __init__(self, devices: list[Device], job: JobConfig, known_hosts: KnownHosts, state: RunState,
-                 stall_s: float = 30.0) -> None:
+                 stall_s: float = 30.0, lifeline_s: float = LIFELINE_S) -> None:
         if not devices:
             raise LaunchError("no devices selected. Fix: select at least one device")
         self.devices, self.job, self.known_hosts, self.state = devices, job, known_hosts, state
         self.stall_s = stall_s
+        self.lifeline_s = lifeline_s
         self._last_record = time.monotonic()
         self.parser = TelemetryParser()
         self.workers: list[_Worker] = []
@@ -208,6 +219,7 @@ class Launcher:
         job.addrs = [w.device.host for w in self.workers]
         job.devices = [w.device.name for w in self.workers]
         job.master_addr = self.workers[0].device.host
+        job.lifeline_s = self.lifeline_s
         w0 = self.workers[0]
         job.master_port = await on_device(w0.device, "choosing a rendezvous port",
                                           "check that the device's python runs", pick_port(w0.conn, w0.device))
@@ -224,8 +236,8 @@ class Launcher:
 
     async def _start(self, w: _Worker) -> None:
         """Start one worker and read its PID before anything else can go wrong."""
-        w.proc = await w.conn.create_process(self._command(w), stdin=asyncssh.DEVNULL,
-                                             encoding="utf-8", errors="replace")
+        # stdin stays open: it is the worker's lifeline (heartbeats in, end-of-file when we die)
+        w.proc = await w.conn.create_process(self._command(w), encoding="utf-8", errors="replace")
         self.state.set_status(w.device.name, "starting")
         line = await asyncio.wait_for(w.proc.stdout.readline(), 30)
         if line.startswith(PID_TAG):
@@ -245,6 +257,7 @@ class Launcher:
         tasks = {asyncio.ensure_future(self._watch(w)): w for w in self.workers}
         stop_task = asyncio.ensure_future(self._stop.wait())
         watchdog = asyncio.ensure_future(self._watchdog())
+        heartbeats = asyncio.ensure_future(self._heartbeats())
         tasks[watchdog] = None
         pending = set(tasks)
         outcome = "done"
@@ -275,9 +288,24 @@ class Launcher:
             return outcome
         finally:
             stop_task.cancel()
+            heartbeats.cancel()
             for t in tasks:
                 if not t.done():
                     t.cancel()
+
+    async def _heartbeats(self) -> None:
+        """Keep every worker's lifeline alive: a newline on its stdin, several times per
+        ``lifeline_s``.  A worker that has gone away is skipped (its end is judged elsewhere)."""
+        if self.lifeline_s <= 0:
+            return
+        while True:
+            for w in self.workers:
+                if w.proc is not None and w.exit_status is None and w.exit_signal is None:
+                    try:
+                        w.proc.stdin.write("\n")
+                    except (OSError, asyncssh.Error, BrokenPipeError):
+                        pass
+            await asyncio.sleep(self.lifeline_s / HEARTBEATS_PER_TIMEOUT)
 
     async def _watchdog(self) -> None:
         """Name a frozen device.  A stopped or hung worker closes nothing, so its peers
@@ -344,6 +372,9 @@ class Launcher:
             # SIGKILL with no message of its own: the kernel's OOM killer or a person
             msg = (f"worker on device '{name}' was killed (SIGKILL) during {dev.status}; "
                    "if the device ran out of memory, its kernel log shows the OOM killer")
+        elif w.exit_status == EXIT_ORPHANED:
+            tail = " | ".join(w.stderr_tail[-1:])
+            msg = f"worker on device '{name}' ended itself: it lost its controller ({tail or 'no heartbeat'})"
         elif dev.status == "failed" and dev.message:
             msg = f"worker on device '{name}' failed: {dev.message}"
         else:
