@@ -194,8 +194,17 @@ except RuntimeError:
 def test_piecewise_build_under_address_space_cap(fixed, expected):
     """Kept shards on top of freed whole pieces: with glibc's dynamic mmap threshold the
     holes keep their address space and a 2 GiB cap runs out at ~1.4 GB of real use;
-    unmap_large_frees() (what the worker does under a cap) makes it fit."""
+    unmap_large_frees() (what the worker does under a cap) makes it fit.
+
+    Without the fix, where the heap lands varies from run to run (here about one run in
+    three still fits), so that case is tried up to five times and must run out at least
+    once; with the fix every run must fit."""
     root = str(Path(__file__).resolve().parent.parent)
-    out = subprocess.run([sys.executable, "-c", _FRAGMENT.format(root=root, fixed=fixed)],
-                         capture_output=True, text=True, timeout=120)
-    assert expected in out.stdout, out.stdout + out.stderr
+    outs = []
+    for _ in range(1 if fixed else 5):
+        out = subprocess.run([sys.executable, "-c", _FRAGMENT.format(root=root, fixed=fixed)],
+                             capture_output=True, text=True, timeout=120)
+        outs.append(out.stdout + out.stderr)
+        if expected in out.stdout:
+            break
+    assert expected in outs[-1], outs
