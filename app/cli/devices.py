@@ -16,16 +16,13 @@ import sys
 import time
 from pathlib import Path
 
+from app.cli.flags import inventory_path
 from app.devices.discovery import DeviceList, MdnsBrowser
 from app.devices.inventory import Inventory, InventoryError, load_inventory, parse_device
 from app.devices.preflight import format_reports, preflight
 from app.devices.profile import ProfileError, profile_devices
 from app.devices.ssh import KnownHosts, fetch_host_key, fingerprint
-from app.paths import edgetrain_home
-
-
-def _inventory_path(args: argparse.Namespace) -> Path:
-    return Path(args.inventory) if getattr(args, "inventory", None) else edgetrain_home() / "testbed" / "inventory.yaml"
+from app.paths import default_known_hosts
 
 
 def _names(values: list[str] | None) -> list[str] | None:
@@ -42,11 +39,11 @@ def _fmt_bytes(n: float | None) -> str:
 # ----------------------------------------------------------------------------- devices
 
 def cmd_devices_list(args: argparse.Namespace) -> int:
-    path = _inventory_path(args)
+    path = inventory_path(args)
     inv = None
     if path.exists() or not args.mdns:
         inv = load_inventory(path)
-    known = KnownHosts(inv.known_hosts_file() if inv else edgetrain_home() / "known_hosts")
+    known = KnownHosts(inv.known_hosts_file() if inv else default_known_hosts())
     dl = DeviceList(known)
     if inv is not None:
         dl.load_inventory(inv)
@@ -66,7 +63,7 @@ def cmd_devices_list(args: argparse.Namespace) -> int:
 
 
 def cmd_devices_add(args: argparse.Namespace) -> int:
-    path = _inventory_path(args)
+    path = inventory_path(args)
     inv = load_inventory(path) if path.exists() else Inventory(devices=[], path=path)
     entry: dict = {"name": args.name, "host": args.host, "port": args.port, "python": args.python}
     if args.user:
@@ -92,7 +89,7 @@ def cmd_devices_add(args: argparse.Namespace) -> int:
 
 
 def cmd_devices_trust(args: argparse.Namespace) -> int:
-    inv = load_inventory(_inventory_path(args))
+    inv = load_inventory(inventory_path(args))
     dev = inv.by_name(args.name)
     known = KnownHosts(inv.known_hosts_file())
     key = asyncio.run(fetch_host_key(dev))
@@ -158,7 +155,7 @@ def print_profiles(profiles: list, matrix, out=sys.stdout) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    inv = load_inventory(_inventory_path(args))
+    inv = load_inventory(inventory_path(args))
     devices = inv.select(_names(args.names))
     known = KnownHosts(inv.known_hosts_file())
     say = (lambda m: print(m, file=sys.stderr)) if not args.quiet else None
@@ -179,7 +176,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
-    inv = load_inventory(_inventory_path(args))
+    inv = load_inventory(inventory_path(args))
     devices = inv.select(_names(args.names))
     known = KnownHosts(inv.known_hosts_file())
     reports = asyncio.run(preflight(devices, known, min_free_bytes=int(args.min_free_gb * 2**30),

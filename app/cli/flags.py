@@ -16,9 +16,18 @@ def add_device_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", help="comma-separated device names in rank order (default: all)")
 
 
-def inventory_from_args(args: argparse.Namespace) -> Inventory:
+def testbed_inventory() -> Path:
+    """The inventory the local testbed writes (``edgetrain testbed up``)."""
+    return edgetrain_home() / "testbed" / "inventory.yaml"
+
+
+def inventory_path(args: argparse.Namespace) -> Path:
     """The inventory named by ``--inventory``, else the running local testbed's."""
-    return load_inventory(args.inventory or edgetrain_home() / "testbed" / "inventory.yaml")
+    return Path(args.inventory) if getattr(args, "inventory", None) else testbed_inventory()
+
+
+def inventory_from_args(args: argparse.Namespace) -> Inventory:
+    return load_inventory(inventory_path(args))
 
 
 def device_names(args: argparse.Namespace) -> list[str] | None:

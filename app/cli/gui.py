@@ -5,7 +5,7 @@ import argparse
 import importlib.util
 import sys
 
-from app.paths import edgetrain_home
+from app.cli.flags import testbed_inventory
 
 GUI_PACKAGES = ("PySide6", "pyqtgraph")
 
@@ -25,7 +25,7 @@ def cmd_gui(args: argparse.Namespace) -> int:
         return 2
     inventory = args.inventory
     if inventory is None and args.session is None:
-        default = edgetrain_home() / "testbed" / "inventory.yaml"
+        default = testbed_inventory()
         inventory = str(default) if default.is_file() else None
     return run_gui(inventory=inventory, session=args.session, runs_dir=args.runs_dir)
 
