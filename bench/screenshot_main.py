@@ -2,7 +2,8 @@
 
 Starts an in-process testbed (heterogeneous boards, one with a small memory cap), opens
 the main window, ticks the devices, picks pipeline parallelism, launches a run, waits
-until the charts hold points, and grabs the window.
+until the charts hold points (and a few held-out evaluations: the loss and accuracy
+plots), and grabs the window.
 
     QT_QPA_PLATFORM=xcb xvfb-run -a -s "-screen 0 1400x900x24" \\
         .venv/bin/python bench/screenshot_main.py --out docs/screenshot-main.png
@@ -36,6 +37,8 @@ def main() -> int:
     ap.add_argument("--devices", type=int, default=4)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--points", type=int, default=60, help="latency points to wait for before the grab")
+    ap.add_argument("--evals", type=int, default=4, help="held-out evaluations to wait for before the grab")
+    ap.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations")
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip profiling the devices")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="edgetrain-shot-"))
@@ -64,7 +67,8 @@ def main() -> int:
         for n in names:
             window.toggle_participant(n, True)
         window.run_config.set_settings(RunSettings(model="tiny-gpt2", parallelism="pp", steps=args.steps,
-                                                   batch_size=64, seq_len=32, micro_batches=4))
+                                                   batch_size=64, seq_len=32, micro_batches=4,
+                                                   eval_every=args.eval_every))
         wait_until(app, lambda: window.planner.latest is not None and not window.planner.busy, 10)
         if args.profile:  # fills the profile columns and the measured link bandwidths
             window.device_actions.reprofile(names)
@@ -75,7 +79,8 @@ def main() -> int:
         wait_until(app, lambda: not window.planner.busy, 10)
         window.launch()
         ok = wait_until(app, lambda: window.charts.point_count("latency") >= args.points
-                        and window.charts.point_count("energy") > 0, 180)
+                        and window.charts.point_count("energy") > 0
+                        and window.charts.point_count("accuracy") >= args.evals, 240)
         if not ok:
             print("no live points in time; the screenshot shows what there is", file=sys.stderr)
         wait_until(app, lambda: False, 1.0)  # a few chart frames
@@ -83,7 +88,8 @@ def main() -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         window.grab().save(str(out))
         print(f"saved {out} ({window.width()}x{window.height()}, "
-              f"{window.charts.point_count('latency')} latency points)")
+              f"{window.charts.point_count('latency')} latency points, "
+              f"{window.charts.point_count('accuracy')} accuracy points)")
     finally:
         if window is not None:
             window.close()

@@ -39,9 +39,10 @@ def make_cfg(parallelism: str, world: int, model: str = "tiny-gpt2", steps: int 
 
 
 def _data(cfg: JobConfig, model):
-    from workers.data import load_dataset
+    """The training rows, as a worker sees them (the held-out split removed)."""
+    from workers.data import load_dataset, split_eval
     data, _ = load_dataset(cfg.dataset, model.family, model.preset.vocab_size, cfg.seq_len, cfg.seed)
-    return data
+    return split_eval(data, cfg.seed)[0]
 
 
 def reference(cfg: JobConfig) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -23,7 +23,8 @@ MAX_LINES = 500
 SHARED = {"app.paths", "app.signals", "app.boards"}
 #: The standard-library-only part of ``workers`` that the controller imports (no torch).
 CONTRACT = {"workers", "workers.config", "workers.presets", "workers.protocol", "workers.probe",
-            "workers.qnli", "workers.lifeline", "workers.energy", "workers.energy_meters", "workers.energy_sensors"}
+            "workers.qnli", "workers.lifeline", "workers.checkpoint_manifest", "workers.energy",
+            "workers.energy_meters", "workers.energy_sensors"}
 BASE = SHARED | CONTRACT
 #: For each part (a package, or a shared module), the parts it may import.
 ALLOWED: dict[str, set[str]] = {

@@ -119,3 +119,45 @@ def test_fingerprint_assembles_shards_stages_and_replicas():
     assert differing({**full, "a": (4, 2.01, 3.0)}, full) == ["a"]
     assert differing({**full, "a": (4, 2.0, float("nan"))}, full) == ["a"]
     assert differing({**full, "a": (4, 2.01, 3.0)}, full, atol_for={"a": 0.01}) == []
+
+
+# --------------------------------------------------------------------- eval
+
+EVAL = {"v": 1, "type": "eval", "run": "r", "rank": 1, "device": "d0", "t": 1.0, "step": 25, "loss": 0.61,
+        "accuracy": 0.75, "samples": 128}
+
+
+def test_eval_records_parse_back():
+    buf = io.StringIO()
+    em = Emitter("r", 1, "d0", buf)
+    em.emit("eval", step=25, loss=0.61, accuracy=0.75, samples=128, role="stage 1/2")
+    em.emit("eval", step=0, loss=float("nan"), accuracy=0.0, samples=1)       # a diverged model: NaN allowed
+    em.emit("eval", step=50, loss=float("inf"), accuracy=1.0, samples=3)
+    recs = [parse_line(line) for line in buf.getvalue().splitlines()]
+    assert [(r["type"], r["step"], r["accuracy"], r["samples"]) for r in recs] == [
+        ("eval", 25, 0.75, 128), ("eval", 0, 0.0, 1), ("eval", 50, 1.0, 3)]
+    assert recs[0]["loss"] == 0.61 and recs[1]["loss"] != recs[1]["loss"]
+    assert TelemetryParser().feed("d0", json.dumps(EVAL))["accuracy"] == 0.75
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"accuracy": 1.5}, "accuracy 1.5 lies outside [0, 1]"),
+    ({"accuracy": -0.1}, "accuracy -0.1 lies outside [0, 1]"),
+    ({"accuracy": float("nan")}, "accuracy nan lies outside [0, 1]"),
+    ({"samples": 0}, "samples 0: an evaluation needs at least one sample"),
+    ({"samples": 12.0}, "field 'samples' has float"),
+    ({"step": -1}, "step -1 is negative"),
+    ({"loss": -0.5}, "loss -0.5 is negative"),
+    ({"loss": "0.5"}, "field 'loss' has str"),
+    ({"accuracy": True}, "field 'accuracy' has bool"),
+    ({"loss": None}, "field 'loss' has NoneType"),
+])
+def test_malformed_eval_records_are_rejected(change, reason):
+    p = TelemetryParser()
+    assert p.feed("d0", json.dumps({**EVAL, **change})) is None
+    assert p.rejected["d0"] == 1 and reason in p.reasons[0], p.reasons
+    fields = {k: v for k, v in {**EVAL, **change}.items() if k in ("step", "loss", "accuracy", "samples")}
+    with pytest.raises(ProtocolError):
+        Emitter("r", 0, "d0", io.StringIO()).emit("eval", **fields)
+    missing = {k: v for k, v in EVAL.items() if k != "accuracy"}
+    assert p.feed("d0", json.dumps(missing)) is None and "lacks field 'accuracy'" in p.reasons[1]

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_weights_and_dataset_pushed_first_loss_matches_saved_model(tmp_path):
-    from workers.data import generate_qnli, global_batch, load_dataset
+    from workers.data import generate_qnli, global_batch, load_dataset, split_eval
     from workers.models import build_model
 
     weights = tmp_path / "my-tiny-gpt2"
@@ -46,6 +46,7 @@ def test_weights_and_dataset_pushed_first_loss_matches_saved_model(tmp_path):
 
     model = build_model("tiny-gpt2", weights=str(weights))
     data, _ = load_dataset(str(data_path), model.family, model.preset.vocab_size, settings.seq_len, settings.seed)
+    data, _ = split_eval(data, settings.seed)  # the worker trains on the rest
     ids, labels = global_batch(data, 0, settings.batch_size, settings.seed)
     with torch.no_grad():
         expected = F.cross_entropy(model(ids), labels).item()

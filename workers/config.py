@@ -95,6 +95,15 @@ class RunSettings:
     stages
         pp/hybrid: a fixed split, one ``{"ranks": [...], "layers": [a, b)}`` per stage in
         pipeline order; ``None``: the planner's balanced split.
+    checkpoint_every, checkpoint_minutes
+        A sharded checkpoint every this many steps and/or minutes, whichever comes
+        first (0 turns that trigger off); one is always written at the end and when
+        the controller goes away.  DP checkpoints at its next gradient sync.
+    keep_checkpoints
+        Complete checkpoints kept on each device (older ones are deleted).
+    eval_every
+        Held-out evaluation (loss, accuracy) every this many steps and at the end;
+        0: at the end only.
     """
 
     model: str = "tiny-gpt2"
@@ -114,6 +123,10 @@ class RunSettings:
     timeout_s: float = 60.0
     stall_s: float = 30.0
     stages: list[dict] | None = None
+    checkpoint_every: int = 50
+    checkpoint_minutes: float = 10.0
+    keep_checkpoints: int = 2
+    eval_every: int = 25
 
     def __setattr__(self, name: str, value: Any) -> None:
         # the enums hold on every assignment, not only at construction ("pp" -> Parallelism.PP)
@@ -190,6 +203,12 @@ class JobConfig(RunSettings):
         A worker that hears nothing from its controller for this long, or whose stdin
         closes, ends itself (:mod:`workers.lifeline`); 0 turns the lifeline off (a worker
         started by hand or by a bench, with no controller writing to it).
+    checkpoint_dir
+        Where this run's checkpoints go on each device (relative paths are relative to
+        the worker's directory, ``<workdir>/workers-<hash>``); empty: no checkpoints.
+    resume_from
+        A checkpoint directory on the device (same convention) to start from: training
+        continues at its step; empty: start at step 0.
 
     ``lr`` is resolved (never ``None``) and ``stages`` is a list (empty unless pipelined).
     """
@@ -204,6 +223,8 @@ class JobConfig(RunSettings):
     telemetry_every: int = 1
     power: dict = field(default_factory=dict)
     lifeline_s: float = 0.0
+    checkpoint_dir: str = ""
+    resume_from: str = ""
 
     def __post_init__(self) -> None:
         self.lr = self.resolved_lr()

@@ -26,9 +26,9 @@ SYNTHETIC_ROWS = 2048
 CAUSAL_FAMILIES = ("gpt2", "opt")
 
 # Candidate names of special tokens in tokenizers we did not train (BERT, RoBERTa/OPT, GPT-2).
-_CLS_NAMES = ("[CLS]", "<s>", "<|endoftext|>")
-_SEP_NAMES = ("[SEP]", "</s>", "<|endoftext|>")
-_PAD_NAMES = ("[PAD]", "<pad>", "<|endoftext|>")
+CLS_NAMES = ("[CLS]", "<s>", "<|endoftext|>")
+SEP_NAMES = ("[SEP]", "</s>", "<|endoftext|>")
+PAD_NAMES = ("[PAD]", "<pad>", "<|endoftext|>")
 
 
 @dataclass
@@ -199,9 +199,9 @@ def encode_qnli(rows: list[QnliRow], tokenizer: Tokenizer, seq_len: int = 32, *,
         tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: leave the caller's alone
         tokenizer.no_truncation()
         tokenizer.no_padding()
-    cls = _special_id(tokenizer, _CLS_NAMES, "[CLS]-like")
-    sep = _special_id(tokenizer, _SEP_NAMES, "[SEP]-like")
-    pad = _special_id(tokenizer, _PAD_NAMES, "[PAD]-like")
+    cls = _special_id(tokenizer, CLS_NAMES, "[CLS]-like")
+    sep = _special_id(tokenizer, SEP_NAMES, "[SEP]-like")
+    pad = _special_id(tokenizer, PAD_NAMES, "[PAD]-like")
     qs = tokenizer.encode_batch([r.question for r in rows], add_special_tokens=False)
     ss = tokenizer.encode_batch([r.sentence for r in rows], add_special_tokens=False)
     budget = seq_len - 3
@@ -293,6 +293,54 @@ def global_batch(data: Encoded, step: int, batch_size: int, seed: int) -> tuple[
         parts.append(_epoch_order(n, seed, epoch)[lo:hi])
     idx = torch.cat(parts)
     return data.input_ids[idx], data.labels[idx]
+
+
+def split_eval(data: Encoded, seed: int, fraction: float = 0.1) -> tuple[Encoded, Encoded]:
+    """Hold out a deterministic evaluation set: ``(train, eval)``.
+
+    The held-out rows are drawn from the *labelled* rows (an unlabeled row could not be
+    scored); unlabeled rows stay with the training data, where cross-entropy ignores
+    them.  The draw is a seeded :class:`random.Random` shuffle, so every rank of a run
+    (and a one-device run with the same seed) holds out exactly the same rows.  Both
+    parts keep the rows' original order: training batches are then shuffled by
+    :func:`global_batch` as before, and evaluation always walks the same rows in the
+    same order, so evaluations at different steps are comparable.
+
+    Parameters
+    ----------
+    data
+        The whole data set (from :func:`load_dataset`).
+    seed
+        The run's data seed.
+    fraction
+        Share of the labelled rows to hold out, ``0 < fraction < 1``.  At least one
+        row is held out when the data has two rows or more and one of them is
+        labelled; at least one row always stays for training.
+
+    Returns
+    -------
+    tuple[Encoded, Encoded]
+        The training rows and the evaluation rows (disjoint; together all rows).  The
+        evaluation part is empty when ``data`` has fewer than two rows or no labels.
+
+    Raises
+    ------
+    ValueError
+        ``fraction`` outside ``(0, 1)``.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"eval fraction {fraction} must lie strictly between 0 and 1")
+    n = len(data)
+    labelled = [i for i, y in enumerate(data.labels.tolist()) if y != IGNORE_LABEL]
+    # A stream of its own (a string seed is hashed with SHA-512, the same in every
+    # process): the hold-out does not repeat the epoch shuffles of the same seed.
+    random.Random(f"edgetrain-eval-split/{seed}").shuffle(labelled)
+    k = min(max(1, round(len(labelled) * fraction)), len(labelled), n - 1) if n >= 2 else 0
+    held = torch.zeros(n, dtype=torch.bool)
+    held[sorted(labelled[:k])] = True
+    train, ev = (~held).nonzero().flatten(), held.nonzero().flatten()
+    return (Encoded(data.input_ids[train], data.labels[train]),
+            Encoded(data.input_ids[ev], data.labels[ev]))
 
 
 def load_dataset(path: str | Path | None, family: str, vocab_size: int, seq_len: int, seed: int,

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .config import JobConfig
+from .data import IGNORE_LABEL
 
 
 @dataclass
@@ -25,6 +27,14 @@ class StepResult:
     local_samples: int        # samples this rank computed on (for per-device rates)
     synced: bool              # an optimizer step happened in this iteration
     comm_s: float = 0.0       # time spent in collectives we could time, seconds
+
+
+class EvalCounts(NamedTuple):
+    """One evaluation batch, summed (not averaged) so batches and ranks add up exactly."""
+
+    loss_sum: float           # cross-entropy summed over the labelled samples
+    correct: int              # labelled samples whose arg-max logit is the label
+    samples: int              # labelled samples (rows with ``IGNORE_LABEL`` do not count)
 
 
 class Trainer:
@@ -49,8 +59,40 @@ class Trainer:
         no extra memory.  Used for the end-of-run parameter digest."""
         return self.full_state()
 
+    def checkpoint_params(self) -> dict[str, torch.nn.Parameter]:
+        """The live parameters this rank holds, by the one-device model's names.
+
+        A checkpoint saves these (and their optimizer state) and a resume loads into
+        them in place, so every layout that names its tensors like the one-device model
+        reshards through :mod:`torch.distributed.checkpoint`.
+        """
+        raise NotImplementedError
+
+    #: How :meth:`checkpoint_params` lays tensors out: ``canonical`` (each tensor is the
+    #: one-device model's tensor, or a DTensor shard of it) or a layout only the same
+    #: parallelism and world size can load (``tp-gpt2/<world>``: transposed, permuted).
+    checkpoint_layout: str = "canonical"
+
     def finish(self) -> None:
         """Flush any accumulated gradients (called once after the last iteration)."""
+
+    def eval_batch(self, ids: torch.Tensor, labels: torch.Tensor) -> EvalCounts | None:
+        """Forward-only pass over one *global* evaluation batch (see ``workers.evaluate``).
+
+        Every rank calls this together with the same batch, like :meth:`train_step`; the
+        size must split as a training batch does (pipelines: into equal micro-batches).
+        Runs under ``torch.no_grad()``: no gradient, optimizer state or accumulation
+        changes, so training continues as if it had not happened.  The models have no
+        dropout, so the training-mode forward is the evaluation forward and the module's
+        mode is left alone.
+
+        Returns
+        -------
+        EvalCounts | None
+            The whole global batch's sums on every rank that can know them; ``None``
+            where it cannot (pipeline stages other than the last).
+        """
+        raise NotImplementedError
 
 
 def make_optimizer(params, cfg: JobConfig) -> torch.optim.Optimizer:
@@ -61,6 +103,17 @@ def make_optimizer(params, cfg: JobConfig) -> torch.optim.Optimizer:
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
+
+
+def eval_counts(logits: torch.Tensor, labels: torch.Tensor) -> EvalCounts:
+    """Summed loss, correct and labelled counts of ``logits[N, C]`` against ``labels[N]``."""
+    labels = labels.to(logits.device)
+    mask = labels != IGNORE_LABEL
+    # float32 sums however the model computes: the ranks' and batches' sums then add
+    # up to what one device gets, within float32 rounding
+    loss = F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=IGNORE_LABEL)
+    correct = (logits.argmax(dim=-1) == labels) & mask
+    return EvalCounts(float(loss), int(correct.sum()), int(mask.sum()))
 
 
 def rank_slice(n: int, rank: int, world: int) -> slice:

@@ -22,11 +22,18 @@ from typing import Callable
 
 #: Exit status of a worker that ended itself because its controller went away.
 EXIT_ORPHANED = 5
+#: Exit status of a worker that wrote a checkpoint and ended because its controller asked.
+EXIT_STOPPED = 6
 #: How often the launcher writes a heartbeat, as a fraction of the worker's patience.
 HEARTBEATS_PER_TIMEOUT = 4
+#: Commands the controller may write on a line of its own: ``stop`` = checkpoint and end.
+COMMANDS = ("stop",)
+#: Seconds a worker that lost its controller has to write an emergency checkpoint before
+#: it ends regardless (a step that takes minutes cannot be waited for).
+EMERGENCY_GRACE_S = 12.0
 
 
-def _leave(reason: str) -> None:
+def leave(reason: str) -> None:
     # stdout may be gone with the controller: say why on stderr (a device log, if any) and go
     try:
         sys.stderr.write(f"edgetrain worker: {reason}; ending\n")
@@ -36,15 +43,19 @@ def _leave(reason: str) -> None:
     os._exit(EXIT_ORPHANED)
 
 
-def watch(timeout_s: float, fd: int = 0, on_lost: Callable[[str], None] = _leave) -> threading.Thread:
+def watch(timeout_s: float, fd: int = 0, on_lost: Callable[[str], None] = leave,
+          on_command: Callable[[str], None] | None = None) -> threading.Thread:
     """Watch ``fd`` (stdin) on a daemon thread; call ``on_lost(reason)`` when it reaches
     end-of-file or stays silent for ``timeout_s`` seconds.
 
-    Returns the thread (already started).  Reading happens off the training thread, so a
-    step that takes minutes does not delay the check.
+    Every non-empty line is a command from the controller (:data:`COMMANDS`), handed to
+    ``on_command``; an empty line is a heartbeat.  Returns the thread (already started).
+    Reading happens off the training thread, so a step that takes minutes does not delay
+    the check.
     """
     def run() -> None:
         last = time.monotonic()
+        pending = b""
         while True:
             ready, _, _ = select.select([fd], [], [], max(0.1, timeout_s - (time.monotonic() - last)))
             if ready:
@@ -57,6 +68,12 @@ def watch(timeout_s: float, fd: int = 0, on_lost: Callable[[str], None] = _leave
                     on_lost("the controller's connection closed")
                     return
                 last = time.monotonic()
+                pending += data
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    command = line.strip().decode("ascii", "replace")
+                    if command and on_command is not None:
+                        on_command(command)
             elif time.monotonic() - last >= timeout_s:
                 on_lost(f"no word from the controller for {timeout_s:.0f} s")
                 return

@@ -34,12 +34,16 @@ REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
     "hello": {"world_size": int, "parallelism": str, "model": str, "pid": int},
     # one optimizer step (or micro step for accumulation) finished on this rank
     "step": {"step": int, "samples": int, "latency_s": NUM, "latency_per_sample_s": NUM},
+    # a held-out evaluation after `step` completed steps (workers.evaluate; check_eval)
+    "eval": {"step": int, "loss": NUM, "accuracy": NUM, "samples": int},
     # a notable event: phase changes, sync, warnings
     "event": {"name": str, "message": str},
     # an allocation failed on this device
     "oom": {"phase": str, "message": str},
     # any other failure
     "error": {"message": str},
+    # this rank's part of a complete checkpoint is on its disk (files: name, bytes, sha256)
+    "checkpoint": {"step": int, "kind": str, "dir": str, "bytes": int, "files": list},
     # the worker finished normally
     "done": {"steps": int, "samples": int, "wall_s": NUM},
 }
@@ -83,6 +87,28 @@ def check_param_moments(value: Any) -> str | None:
 
 #: Optional fields with structure: a checker returns why a value is malformed (or None).
 STRUCTURED: dict[str, Callable[[Any], str | None]] = {"param_moments": check_param_moments}
+
+
+def check_eval(rec: dict) -> str | None:
+    """Why an ``eval`` record's values are out of range, or ``None`` when they are not.
+
+    ``step >= 0``, ``samples > 0`` (an evaluation of nothing is not reported) and
+    ``0 <= accuracy <= 1``.  The loss is a mean cross-entropy, never negative; NaN and
+    infinity are allowed (a diverged model reports them, as ``param_moments`` does).
+    """
+    if rec["step"] < 0:
+        return f"step {rec['step']} is negative"
+    if rec["samples"] <= 0:
+        return f"samples {rec['samples']}: an evaluation needs at least one sample"
+    if not 0.0 <= rec["accuracy"] <= 1.0:
+        return f"accuracy {rec['accuracy']!r} lies outside [0, 1]"
+    if rec["loss"] < 0:
+        return f"loss {rec['loss']!r} is negative"
+    return None
+
+
+#: Per record type, a check of the values once their types are right.
+VALUE_CHECKS: dict[str, Callable[[dict], str | None]] = {"eval": check_eval}
 
 
 class ProtocolError(ValueError):
@@ -131,6 +157,9 @@ def validate(obj: Any) -> dict:
         reason = check(value) if value is not None else None
         if reason:
             raise ProtocolError(f"{kind} record field {name!r} {reason[:200]}")
+    reason = VALUE_CHECKS[kind](obj) if kind in VALUE_CHECKS else None
+    if reason:
+        raise ProtocolError(f"{kind} record: {reason[:200]}")
     return obj
 
 

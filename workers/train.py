@@ -11,10 +11,60 @@ import hashlib
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
+from dataclasses import asdict
+
+from . import lifeline
+from .checkpoint_manifest import step_dirname
+from .lifeline import EXIT_ORPHANED, EXIT_STOPPED
 
 EXIT_OK, EXIT_ERROR, EXIT_OOM = 0, 1, 3
+
+
+class RunFlags:
+    """What the lifeline thread tells the training loop: the controller is gone
+    (``lapsed``) or asked to stop (``stop``), and why."""
+
+    def __init__(self) -> None:
+        self.lapsed = threading.Event()
+        self.stop = threading.Event()
+        self.reason = ""
+
+    def lost(self, reason: str) -> None:
+        """The controller is gone: checkpoint at the next step boundary, but end within
+        ``EMERGENCY_GRACE_S`` whatever happens (a step may take minutes)."""
+        self.reason = reason
+        self.lapsed.set()
+        timer = threading.Timer(lifeline.EMERGENCY_GRACE_S, lifeline.leave,
+                                args=(f"{reason}; no emergency checkpoint within "
+                                      f"{lifeline.EMERGENCY_GRACE_S:.0f} s",))
+        timer.daemon = True
+        timer.start()
+
+    def command(self, command: str) -> None:
+        if command == "stop":
+            self.reason = "the controller asked to stop"
+            self.stop.set()
+
+
+def _checkpoint(ckpt, control, emitter, step: int, kind: str, trainer) -> None:
+    """Write a checkpoint and report it; a failed save (full disk) is reported, and
+    training goes on from the previous checkpoint's safety."""
+    trainer.phase = "checkpoint"
+    try:
+        manifest, mine = ckpt.save(step, kind)
+    except Exception as exc:  # noqa: BLE001 - DCP raises the same on every rank
+        control.saved()  # do not retry at every step
+        emitter.emit("event", name="checkpoint_failed", step=step,
+                     message=f"checkpoint at step {step} failed on device {ckpt.cfg.devices[ckpt.rank]} "
+                             f"({ckpt.root}): {str(exc)[:300]}. Fix: free space there or lower keep_checkpoints")
+        return
+    control.saved()
+    emitter.emit("checkpoint", step=step, kind=kind, dir=str(ckpt.root / step_dirname(step)),
+                 seconds=manifest.seconds, bytes=sum(f.bytes for f in mine), total_bytes=manifest.total_bytes,
+                 files=[asdict(f) for f in mine], layout=manifest.layout)
 
 
 def _param_digest(state: dict) -> str:
@@ -86,7 +136,7 @@ def _cap_cuda_memory(torch, device) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
 
 
-def run(cfg, rank: int, emitter) -> int:
+def run(cfg, rank: int, emitter, run_flags: RunFlags | None = None) -> int:
     """Train per ``cfg`` as ``rank``; returns the exit code.  Imports torch lazily so
     the ``hello`` line goes out before the slow imports."""
     from .memory import PeakTracker, is_oom_error, memory_limit_bytes, rss_bytes, unmap_large_frees
@@ -95,16 +145,20 @@ def run(cfg, rank: int, emitter) -> int:
     import resource
     if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:
         unmap_large_frees()  # an address-space cap: freed tensors must give back address space
+    run_flags = run_flags or RunFlags()
     phase = "import"
     trainer = None
     tracker = PeakTracker(cfg.device)
     try:
         import torch
+        import torch.distributed as dist
 
         from . import dist as edist
         from . import engine
-        from .data import global_batch, load_dataset
+        from .checkpoint import Checkpointer, Control
+        from .data import global_batch, load_dataset, split_eval
         from .energy import select_meter
+        from .evaluate import evaluate
         from .models import build_model
 
         threads = cfg.threads or int(os.environ.get("EDGETRAIN_EMU_THREADS", "0") or 0)
@@ -125,6 +179,7 @@ def run(cfg, rank: int, emitter) -> int:
                             parts=engine.model_parts(cfg, rank))
         data, _vocab = load_dataset(cfg.dataset, model.family, model.preset.vocab_size, cfg.seq_len,
                                     cfg.seed, tokenizer_dir=cfg.tokenizer)
+        data, eval_data = split_eval(data, cfg.seed)  # held out: never trained on
         trainer = engine.build(cfg, rank, model, device)
         tracker.sample()
         meter = select_meter(cfg.device, cuda_index=device.index or 0,
@@ -136,10 +191,24 @@ def run(cfg, rank: int, emitter) -> int:
         emitter.emit("event", name="ready", message=f"model {cfg.model} loaded as {trainer.role}",
                      role=trainer.role, rss_bytes=rss_bytes(), mem_limit_bytes=limit,
                      energy_source=meter.source, energy_method=meter.method)
+        control_group = dist.new_group(backend=dist.get_backend())  # never a training group
+        ckpt = Checkpointer(cfg, rank, trainer, control_group)
+        control = Control(cfg, rank, control_group, run_flags.lapsed, run_flags.stop)
+        start = 0
+        if cfg.resume_from:
+            phase = trainer.phase = "resume"
+            t_load = time.perf_counter()
+            manifest = ckpt.load(cfg.resume_from)
+            start = manifest.step
+            emitter.emit("event", name="resumed", step=start, seconds=time.perf_counter() - t_load,
+                         message=f"resumed at step {start} from the {manifest.kind} checkpoint of run "
+                                 f"{manifest.run_id} ({manifest.parallelism} on {manifest.world_size} devices)")
+            tracker.sample()
         t_start = time.perf_counter()
         last_j = 0.0
         samples_done = 0
-        for it in range(cfg.steps):
+        clean = start  # the last step after which no gradients were pending
+        for it in range(start, cfg.steps):
             ids, labels = global_batch(data, it, cfg.batch_size, cfg.seed)
             t0 = time.perf_counter()
             res = trainer.train_step(it, ids, labels)
@@ -151,7 +220,10 @@ def run(cfg, rank: int, emitter) -> int:
             reading = meter.read()
             step_j, last_j = reading.joules - last_j, reading.joules
             samples_done += res.samples
-            if (it + 1) % cfg.telemetry_every == 0 or it + 1 == cfg.steps:
+            step = it + 1
+            if res.synced:
+                clean = step
+            if step % cfg.telemetry_every == 0 or step == cfg.steps:
                 emitter.emit(
                     "step", step=it, samples=res.samples, local_samples=res.local_samples,
                     latency_s=dt, latency_per_sample_s=dt / max(1, res.samples),
@@ -160,6 +232,24 @@ def run(cfg, rank: int, emitter) -> int:
                     baseline_subtracted=reading.baseline_subtracted,
                     rss_bytes=rss_bytes(), peak_mem_bytes=_peak(tracker), comm_s=res.comm_s,
                     role=trainer.role)
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                # every rank at the same step: the evaluation communicates
+                trainer.phase = "eval"
+                t_eval = time.perf_counter()
+                ev = evaluate(trainer, eval_data, cfg)
+                if ev is not None:
+                    emitter.emit("eval", step=step, loss=ev.loss, accuracy=ev.accuracy, samples=ev.samples,
+                                 seconds=time.perf_counter() - t_eval, role=trainer.role)
+                last_j = meter.read().joules  # the evaluation's energy stays out of the next step's
+            decision = control.after_step(step, clean == step)
+            if decision.save and ckpt.root is not None and clean > ckpt.last_step:
+                _checkpoint(ckpt, control, emitter, clean, decision.save, trainer)
+            if decision.stop:
+                why = run_flags.reason or "the controller asked to stop"
+                emitter.emit("event", name="stopped", step=clean, message=f"stopped after step {step}: {why}")
+                return EXIT_ORPHANED if run_flags.lapsed.is_set() else EXIT_STOPPED
+        if ckpt.root is not None and cfg.steps > ckpt.last_step:
+            _checkpoint(ckpt, control, emitter, cfg.steps, "final", trainer)
         trainer.phase = "finish"
         trainer.finish()
         wall = time.perf_counter() - t_start
@@ -193,7 +283,6 @@ def run(cfg, rank: int, emitter) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import lifeline
     from .config import JobConfig
     from .protocol import Emitter
 
@@ -207,11 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     emitter.emit("hello", world_size=cfg.world_size, parallelism=cfg.parallelism, model=cfg.model,
                  pid=os.getpid(), host=socket.gethostname(), addr=cfg.addrs[args.rank],
                  python=sys.version.split()[0])
+    flags = RunFlags()
     if cfg.lifeline_s > 0:
-        lifeline.watch(cfg.lifeline_s)
+        lifeline.watch(cfg.lifeline_s, on_lost=flags.lost, on_command=flags.command)
     code = EXIT_ERROR
     try:
-        code = run(cfg, args.rank, emitter)
+        code = run(cfg, args.rank, emitter, flags)
         sys.stdout.flush()
     finally:
         # os._exit: a failed process group can leave gloo threads that block interpreter exit

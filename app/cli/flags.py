@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from app.devices.inventory import Inventory, load_inventory
-from app.paths import edgetrain_home
+from app.paths import default_runs_dir, edgetrain_home
 from workers.config import DEVICE_KINDS, PARALLELISMS, SCHEDULES, RunSettings
 
 
@@ -56,6 +56,14 @@ def add_settings_flags(p: argparse.ArgumentParser, steps: int | None = None) -> 
     p.add_argument("--tokenizer", help="tokenizer directory (local: copied to the devices)")
     p.add_argument("--device", default=d.device, choices=DEVICE_KINDS)
     p.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds a collective waits for a silent peer")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="a checkpoint every N steps (0: off; one is always written at the end)")
+    p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes,
+                   help="a checkpoint every M minutes (0: off)")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
+                   help="complete checkpoints kept on each device")
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="held-out evaluation every N steps (0: at the end only)")
     p.add_argument("--runs-dir", help="where run records go (default: $EDGETRAIN_HOME/runs)")
 
 
@@ -64,8 +72,14 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
                        batch_size=args.batch_size, seq_len=args.seq_len, micro_batches=args.micro_batches,
                        sync_every=args.sync_every, lr=args.lr, seed=args.seed, schedule=args.schedule,
                        dataset=args.dataset, weights=args.weights, tokenizer=args.tokenizer,
-                       device=args.device, timeout_s=args.timeout)
+                       device=args.device, timeout_s=args.timeout, checkpoint_every=args.checkpoint_every,
+                       checkpoint_minutes=args.checkpoint_minutes, keep_checkpoints=args.keep_checkpoints,
+                       eval_every=args.eval_every)
 
 
 def runs_dir_from_args(args: argparse.Namespace) -> Path | None:
     return Path(args.runs_dir) if args.runs_dir else None
+
+
+def runs_dir_or_default(args: argparse.Namespace) -> Path:
+    return runs_dir_from_args(args) or default_runs_dir()

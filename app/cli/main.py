@@ -5,14 +5,14 @@ import argparse
 import logging
 import sys
 
-from app.cli import devices, gui, plan, run, sweep, testbed
+from app.cli import devices, gui, plan, resume, run, sweep, testbed
 from app.devices.inventory import InventoryError
 from app.devices.ssh import SSHError
 from app.run.launcher import LaunchError
 from app.testbed.emulation import TestbedError
 
 #: Each command group registers its own subcommands, next to what it drives.
-COMMAND_GROUPS = (testbed, run, devices, plan, sweep, gui)
+COMMAND_GROUPS = (testbed, run, resume, devices, plan, sweep, gui)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,14 +42,19 @@ class Progress:
         self.tty = stream.isatty()
         self._last = 0.0
         self._last_step = -1
+        self._last_eval = -1
         state.record.connect(self._on_record)
         state.event.connect(self._on_event)
 
     def _on_event(self, ev) -> None:
         if ev.kind in ("oom", "error", "failure"):
             self._line(f"!! {ev.message}")
+        elif ev.device is None:  # the run's own news: checkpoints, resume, stop
+            self._line(f"-- {ev.message}")
 
     def _on_record(self, rec: dict) -> None:
+        if rec["type"] == "eval":
+            self._on_eval(rec)
         if rec["type"] != "step":
             return
         now = time.monotonic()
@@ -71,6 +76,14 @@ class Progress:
         else:
             self._line(text)
 
+    def _on_eval(self, rec: dict) -> None:
+        # every rank that knows the result reports it: one line per evaluation
+        if rec["step"] == self._last_eval:
+            return
+        self._last_eval = rec["step"]
+        self._line(f"eval  step {rec['step']}/{self.steps}  eval loss {rec['loss']:.4f}  "
+                   f"accuracy {rec['accuracy']:.1%}  ({rec['samples']} held-out samples)")
+
     def _line(self, text: str) -> None:
         if self.tty:
             self.stream.write("\r" + " " * 160 + "\r")
@@ -90,6 +103,9 @@ def print_summary(state: RunState, out=sys.stdout) -> None:
     print(f"throughput {_fmt(s['throughput_sps'], '.1f', ' samples/s')}  "
           f"latency/sample {_fmt(s['latency_per_sample_s'] and s['latency_per_sample_s'] * 1e3, '.3f', ' ms')}  "
           f"energy/sample {_fmt(s['energy_per_sample_j'], '.4f', ' J')} ({methods})", file=out)
+    if s.get("eval_accuracy") is not None:
+        print(f"held-out eval after step {s['eval_step']}: loss {s['eval_loss']:.4f}  "
+              f"accuracy {s['eval_accuracy']:.1%}  ({s['evals'][-1]['samples']} samples)", file=out)
     hdr = f"{'device':<12} {'rank':>4} {'role':<18} {'status':<8} {'steps':>5} {'lat/sample':>11} " \
           f"{'samples/s':>9} {'energy J':>9} {'method':<16} {'peak mem':>10}"
     print(hdr, file=out)
@@ -109,6 +125,13 @@ def print_summary(state: RunState, out=sys.stdout) -> None:
     for ev in state.events:
         if ev.kind in ("oom", "error", "failure"):
             print(f"  {ev.kind.upper()}: {ev.message}", file=out)
+    done = [c for c in s["checkpoints"] if c.get("complete")]
+    if done:
+        last = done[-1]
+        print(f"checkpoints: {len(done)} (last: step {last['step']}, {last['kind']}); "
+              f"continue with: edgetrain resume {s['run_id']}", file=out)
+    if s.get("model_dir"):
+        print(f"trained model: {s['model_dir']}", file=out)
     if state.run_dir:
         print(f"run record: {state.run_dir / 'record.json'}", file=out)
 
@@ -123,12 +146,9 @@ async def _run_async(launcher, state: RunState) -> str:
     return await launcher.run()
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    inv = inventory_from_args(args)
-    launcher, state = prepare_run(inv, device_names(args), settings_from_args(args), runs_dir_from_args(args))
-    print(f"run {state.run_id}: {args.model} {args.parallelism} on "
-          f"{', '.join(state.devices)} ({args.steps} steps, batch {args.batch_size})", file=sys.stderr)
-    progress = Progress(state, args.steps)
+def execute(launcher, state: RunState, steps: int) -> int:
+    """Run with live progress and print the summary; returns the exit code."""
+    progress = Progress(state, steps)
     try:
         outcome = asyncio.run(_run_async(launcher, state))
     except LaunchError as exc:
@@ -139,6 +159,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     progress.close()
     print_summary(state)
     return 0 if outcome == "done" else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    inv = inventory_from_args(args)
+    launcher, state = prepare_run(inv, device_names(args), settings_from_args(args), runs_dir_from_args(args),
+                                  export=not args.no_export)
+    print(f"run {state.run_id}: {args.model} {args.parallelism} on "
+          f"{', '.join(state.devices)} ({args.steps} steps, batch {args.batch_size})", file=sys.stderr)
+    return execute(launcher, state, args.steps)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -166,6 +195,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="train on devices from an inventory")
     add_device_flags(run)
     add_settings_flags(run)
+    run.add_argument("--no-export", action="store_true",
+                     help="do not bring the trained model home as a Hugging Face directory")
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="testbed up, a short run, summary, testbed down")
@@ -174,4 +205,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--port", type=int, default=2222)
     demo.add_argument("--dir", help=argparse.SUPPRESS)
     add_settings_flags(demo, steps=20)
+    demo.add_argument("--no-export", action="store_true", help=argparse.SUPPRESS)
     demo.set_defaults(func=cmd_demo)

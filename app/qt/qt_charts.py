@@ -1,10 +1,17 @@
-"""Live charts: energy and latency per sample, throughput, memory per device.
+"""Live charts: energy and latency per sample, throughput, memory per device; loss and accuracy.
 
 Telemetry fills a :class:`app.workspace.series.SeriesStore` (ring buffers) as it arrives; one
 ``QTimer`` per view repaints at a fixed rate, calling ``setData`` only on the curves whose
 ring changed since the last frame.  Nothing redraws per telemetry record.  OOM and
 failure events are vertical markers on the shared time axis; the plan's predictions are
 dashed horizontal reference lines in each device's colour.
+
+The bottom row is over training steps, not time: the training loss of each step (one
+curve per reporting device, in its colour) with the held-out loss (thick, dashed), and
+the held-out accuracy.  Every rank that knows an evaluation reports the same numbers, so
+the held-out curves are drawn in one style whatever the device: they overlap as one.
+(No legend there: the loss plot's title names the dashed curve, and the latency plot's
+legend names the device colours.)
 """
 from __future__ import annotations
 
@@ -17,12 +24,20 @@ from PySide6.QtCore import Qt, QTimer
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import QVBoxLayout, QWidget
 
-from app.workspace.series import SERIES, SeriesStore
+from app.workspace.series import SERIES, STEP_SERIES, SeriesStore
 
 pg.setConfigOptions(antialias=False, useOpenGL=False, background="w", foreground="#343a40")
 
 TITLES = {"energy": "Energy per sample", "latency": "Latency per sample",
-          "throughput": "Throughput", "memory": "Memory per device"}
+          "throughput": "Throughput", "memory": "Memory per device",
+          "loss": "Loss (cross-entropy; dashed: held-out)", "accuracy": "Held-out accuracy (%)"}
+#: The plot each series is drawn on (time series: their own).
+PLOT_OF = {"train_loss": "loss", "eval_loss": "loss", "accuracy": "accuracy"}
+#: Held-out curves: one style for every device (see the module docstring), dark so no
+#: device colour is mistaken for them; the loss plot's title says which is which.
+EVAL_PENS = {"eval_loss": pg.mkPen("#212529", width=2, style=Qt.DashLine),
+             "accuracy": pg.mkPen("#212529", width=2)}
+STEP_PLOTS = ("loss", "accuracy")
 MARKER_PENS = {"oom": pg.mkPen("#d32f2f", width=1), "failure": pg.mkPen("#e65100", width=1),
                "error": pg.mkPen("#e65100", width=1)}
 LEGEND_MAX = 8
@@ -52,7 +67,7 @@ class _RingCurve(pg.PlotCurveItem):
 
 
 class QtLiveCharts(QWidget):
-    """Four time-series plots over one :class:`SeriesStore`, repainted by a timer.
+    """Four time-series plots and two step plots over one :class:`SeriesStore`, repainted by a timer.
 
     Parameters
     ----------
@@ -87,6 +102,15 @@ class QtLiveCharts(QWidget):
             self.plots[series] = plot
         for series in ("energy", "throughput", "memory"):
             self.plots[series].setXLink(self.plots["latency"])
+        for row, name in enumerate(STEP_PLOTS):
+            plot = self.layout_widget.addPlot(row=2, col=row)
+            plot.setTitle(TITLES[name], size="9pt")
+            plot.setLabel("bottom", "completed steps")
+            plot.setMenuEnabled(False)
+            plot.getViewBox().setMouseEnabled(x=False, y=False)
+            plot.disableAutoRange()
+            self.plots[name] = plot
+        self.plots["accuracy"].setXLink(self.plots["loss"])
         self.legend = pg.LegendItem(offset=(-8, 8), labelTextSize="8pt", colCount=2,
                                     brush=pg.mkBrush(255, 255, 255, 210), pen=pg.mkPen("#ced4da"))
         self.legend.setParentItem(self.plots["latency"].getViewBox())
@@ -113,9 +137,9 @@ class QtLiveCharts(QWidget):
         if curve is None:
             # PlotCurveItem, not PlotDataItem: no symbol/downsampling machinery per frame;
             # the rings already bound the points, and 1-px pens keep painting cheap
-            curve = _RingCurve(pen=pg.mkPen(self.colour_of(device), width=1), skipFiniteCheck=True,
-                                     antialias=False)
-            self.plots[series].addItem(curve)
+            pen = EVAL_PENS.get(series) or pg.mkPen(self.colour_of(device), width=1)
+            curve = _RingCurve(pen=pen, skipFiniteCheck=True, antialias=False)
+            self.plots[PLOT_OF.get(series, series)].addItem(curve)
             self.curves[key] = curve
             if series == "latency":
                 if len(self.curves_of("latency")) <= LEGEND_MAX:
@@ -144,17 +168,19 @@ class QtLiveCharts(QWidget):
             xs, ys = self.store.arrays(key.series, key.device)
             curve = self._curve(key.series, key.device)
             curve.set_ring_data(xs, ys)
+            plot = PLOT_OF.get(key.series, key.series)
             if len(xs):
                 top = curve._fast[3] if curve._fast else 0.0
-                if np.isfinite(top) and top > self._y_max.get(key.series, 0.0):
-                    self._y_max[key.series] = top
-            touched.add(key.series)
+                if np.isfinite(top) and top > self._y_max.get(plot, 0.0):
+                    self._y_max[plot] = top
+            touched.add(plot)
         self._update_ranges(touched)
         self.frames += 1
         return len(changed)
 
     def _update_ranges(self, touched: set[str]) -> None:
-        bounds = [c._fast for c in self.curves.values() if c._fast is not None]
+        """Axis ranges of the ``touched`` plots (and the shared x axes)."""
+        bounds = [c._fast for (s, _d), c in self.curves.items() if c._fast is not None and s in SERIES]
         if bounds:
             lo = min(b[0] for b in bounds)
             hi = max(b[1] for b in bounds)
@@ -165,11 +191,18 @@ class QtLiveCharts(QWidget):
             if (lo_q, hi_q) != self._x_range:
                 self._x_range = (lo_q, hi_q)
                 self.plots["latency"].setXRange(lo_q, hi_q, padding=0)
-        for series in touched:
-            top = _nice_ceil(self._y_max.get(series, 0.0) * 1.1) or 1.0
-            if top != self._y_range.get(series):
-                self._y_range[series] = top
-                self.plots[series].setYRange(0.0, top, padding=0)
+        steps = [c._fast[1] for (s, _d), c in self.curves.items() if c._fast is not None and s in STEP_SERIES]
+        if steps:
+            # from step 0, in coarse steps like the time axis
+            hi = _nice_ceil(max(max(steps), 1.0) * 1.05)
+            if hi != self._step_range:
+                self._step_range = hi
+                self.plots["loss"].setXRange(0.0, hi, padding=0)
+        for plot in touched - {"accuracy"}:  # accuracy: always 0..100 %
+            top = _nice_ceil(self._y_max.get(plot, 0.0) * 1.1) or 1.0
+            if top != self._y_range.get(plot):
+                self._y_range[plot] = top
+                self.plots[plot].setYRange(0.0, top, padding=0)
 
     def point_count(self, series: str) -> int:
         """Points currently drawn in ``series`` (what a user sees)."""
@@ -186,6 +219,8 @@ class QtLiveCharts(QWidget):
         pen = MARKER_PENS.get(kind, pg.mkPen("#6c757d", width=1))
         label = f"{kind.upper()} {device or ''}".strip()
         for series, plot in self.plots.items():
+            if series in STEP_PLOTS:
+                continue  # their x axis is steps, not time
             line = pg.InfiniteLine(pos=t, angle=90, pen=pen, movable=False,
                                    label=label if series in ("latency", "memory") else None,
                                    labelOpts={"position": 0.9, "color": pen.color(), "fill": (255, 255, 255, 200)})
@@ -226,7 +261,7 @@ class QtLiveCharts(QWidget):
     def clear(self) -> None:
         """Drop curves, markers and data (a new run starts)."""
         for (series, _d), curve in self.curves.items():
-            self.plots[series].removeItem(curve)
+            self.plots[PLOT_OF.get(series, series)].removeItem(curve)
         self.curves.clear()
         self.legend.clear()
         self.legend.setVisible(True)
@@ -240,12 +275,14 @@ class QtLiveCharts(QWidget):
 
     def _reset_ranges(self) -> None:
         self._x_range: tuple[float, float] | None = None
+        self._step_range: float | None = None
         self._y_max: dict[str, float] = {}
         self._y_range: dict[str, float] = {}
+        self.plots["accuracy"].setYRange(0.0, 100.0, padding=0)
 
     # ------------------------------------------------------------------ export
     def export_png(self, path: Path | str) -> Path:
-        """The four plots as they look now, as a PNG."""
+        """The six plots as they look now, as a PNG."""
         self.repaint_now()
         path = Path(path)
         if not self.layout_widget.grab().save(str(path)):

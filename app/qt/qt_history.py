@@ -110,9 +110,11 @@ class QtRunViewer(QWidget):
 
 
 class QtRunHistory(QWidget):
-    """The runs directory's past runs, newest first; double-click (or Open) reopens one."""
+    """The runs directory's past runs, newest first; double-click (or Open) reopens one,
+    Resume continues one from its last complete checkpoint."""
 
     open_requested = Signal(str)
+    resume_requested = Signal(str)   # a run id
 
     def __init__(self, runs_dir: Callable[[], Path], parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -120,11 +122,16 @@ class QtRunHistory(QWidget):
         self.list = QListWidget(self)
         self.list.itemDoubleClicked.connect(lambda item: self.open_requested.emit(item.data(Qt.UserRole)))
         refresh, open_ = QPushButton("Refresh", self), QPushButton("Open charts", self)
+        self.resume_button = QPushButton("Resume", self)
+        self.resume_button.setToolTip("Continue the selected run from its last complete checkpoint, "
+                                      "on the ticked devices (or its own)")
         refresh.clicked.connect(self.refresh)
         open_.clicked.connect(self._open_selected)
+        self.resume_button.clicked.connect(self._resume_selected)
         bar = QHBoxLayout()
         bar.addWidget(refresh)
         bar.addWidget(open_)
+        bar.addWidget(self.resume_button)
         bar.addStretch(1)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
@@ -148,3 +155,10 @@ class QtRunHistory(QWidget):
             QMessageBox.information(self, "Run history", "Select a run first.")
             return
         self.open_requested.emit(item.data(Qt.UserRole))
+
+    def _resume_selected(self) -> None:
+        item = self.list.currentItem()
+        if item is None:
+            QMessageBox.information(self, "Run history", "Select a run to resume first.")
+            return
+        self.resume_requested.emit(Path(item.data(Qt.UserRole)).name)

@@ -239,6 +239,7 @@ class QtMainWindow(QMainWindow):
         self.run.event.connect(self._on_event)
         self.run.finished.connect(self._on_finished)
         self.history.open_requested.connect(self.open_run)
+        self.history.resume_requested.connect(self.resume_run)
         self.device_actions.message.connect(self.statusBar().showMessage)
         self.file_actions.message.connect(self.statusBar().showMessage)
         self.file_actions.inventory_chosen.connect(self.load_inventory)
@@ -375,6 +376,27 @@ class QtMainWindow(QMainWindow):
         except (RuntimeError, ValueError, KeyError, OSError) as exc:
             QMessageBox.warning(self, "Launch", str(exc))
             return
+        self._show_running(state, plan)
+
+    def resume_run(self, run_id: str) -> None:
+        """Continue a past run from its last complete checkpoint (the history's Resume)."""
+        if self.run.running:
+            QMessageBox.information(self, "Resume", "A run is in progress; stop it first.")
+            return
+        self.run_label.setText(f"resuming {run_id}: looking for its checkpoint…")
+
+        def done(fut) -> None:
+            try:
+                state = self.run.start(*fut.result())
+            except Exception as exc:  # noqa: BLE001 - ResumeError and SSH errors say what to do
+                self.run_label.setText(f"resume of {run_id} failed")
+                QMessageBox.warning(self, "Resume", str(exc))
+                return
+            self._show_running(state, state.plan)
+        self.futures.watch(self.loop.submit(self.workspace.prepare_resume(run_id)), done)
+
+    def _show_running(self, state, plan: dict | None) -> None:
+        names = list(state.devices)
         self._t0 = state.started
         self.charts.clear()
         if plan is not None:

@@ -86,11 +86,14 @@ class QtRunSummary(QWidget):
         self.headline = QLabel("No run yet.", self)
         self.headline.setStyleSheet("font-weight: bold;")
         self.totals = QLabel(self)
+        self.evaluation = QLabel(self)   # the last held-out evaluation (hidden without one)
+        self.evaluation.setVisible(False)
         self.table = _table(self.COLUMNS, self)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(4, 4, 4, 4)
         lay.addWidget(self.headline)
         lay.addWidget(self.totals)
+        lay.addWidget(self.evaluation)
         lay.addWidget(self.table, 1)
         self.summary: dict[str, Any] | None = None
 
@@ -105,6 +108,7 @@ class QtRunSummary(QWidget):
         self.totals.setText(f"throughput {fmt_num(s.get('throughput_sps'), '.1f', 'samples/s')}   "
                             f"latency/sample {fmt_ms(s.get('latency_per_sample_s'))}   "
                             f"energy/sample {fmt_num(s.get('energy_per_sample_j'), '.4f', 'J')} ({methods})")
+        self._show_evaluation(s)
         devs = s.get("devices") or []
         self.table.setRowCount(len(devs))
         for r, d in enumerate(devs):
@@ -118,8 +122,21 @@ class QtRunSummary(QWidget):
                     item.setForeground(QBrush(STATUS_COLOURS[d["status"]]))
                 self.table.setItem(r, c, item)
 
+    def _show_evaluation(self, s: dict[str, Any]) -> None:
+        evals = s.get("evals") or []
+        if s.get("eval_accuracy") is None or not evals:
+            self.evaluation.setVisible(False)
+            self.evaluation.setText("")
+            return
+        self.evaluation.setText(f"held-out accuracy <b>{s['eval_accuracy']:.1%}</b>   "
+                                f"loss {fmt_num(s.get('eval_loss'), '.4f')}   after step {s.get('eval_step')} "
+                                f"({evals[-1].get('samples')} samples; {len(evals)} evaluations)")
+        self.evaluation.setVisible(True)
+
     def clear(self) -> None:
         self.summary = None
+        self.evaluation.setVisible(False)
+        self.evaluation.setText("")
         self.headline.setText("No run yet.")
         self.headline.setStyleSheet("font-weight: bold;")
         self.totals.setText("")

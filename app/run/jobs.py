@@ -15,6 +15,7 @@ from app.devices.ssh import KnownHosts
 from app.paths import atomic_write_text, default_runs_dir
 from app.planner.plan import plan_stages
 from app.planner.shape import UnknownModelError
+from app.run.checkpoints import Found
 from app.run.launcher import Launcher, new_run_id
 from app.run.planning import plan_for_run
 from app.run.runstate import RunState
@@ -47,8 +48,13 @@ def _plan_or_none(inv: Inventory, names: list[str], settings: RunSettings) -> di
 
 
 def prepare_run(inv: Inventory, names: list[str] | None, settings: RunSettings,
-                runs_dir: Path | None = None, plan: dict | None = None) -> tuple[Launcher, RunState]:
-    """Build the launcher and run state for a run (nothing is contacted yet)."""
+                runs_dir: Path | None = None, plan: dict | None = None,
+                resume: Found | None = None, export: bool = False) -> tuple[Launcher, RunState]:
+    """Build the launcher and run state for a run (nothing is contacted yet).
+
+    With ``resume`` (a checkpoint brought home), the run continues from its step; with
+    ``export``, the trained model comes home at the end.
+    """
     devices = inv.select(names)
     if plan is None:
         plan = _plan_or_none(inv, [d.name for d in devices], settings)
@@ -66,7 +72,12 @@ def prepare_run(inv: Inventory, names: list[str] | None, settings: RunSettings,
     inv_copy = Inventory(devices=devices, known_hosts=inv.known_hosts)
     inv_copy.save(run_dir / "inventory.yaml")
     config = {"settings": settings.settings().to_dict(), "job": job.to_dict()}
+    if resume is not None:
+        m = resume.manifest
+        config["resumed_from"] = {"run_id": m.run_id, "step": m.step, "kind": m.kind,
+                                  "parallelism": m.parallelism, "devices": m.devices}
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     state = RunState(job.run_id, [d.name for d in devices], config, run_dir=run_dir, plan=plan)
     known = KnownHosts(inv.known_hosts_file())
-    return Launcher(devices, job, known, state, stall_s=settings.stall_s), state
+    return Launcher(devices, job, known, state, stall_s=settings.stall_s, resume=resume,
+                    export=export), state

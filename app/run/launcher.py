@@ -23,10 +23,12 @@ import asyncssh
 from app.devices.inventory import Device
 from app.devices.remote import ASSET_FIELDS, asset_digest, kill_remote, push_asset, push_workers, workers_digest
 from app.devices.ssh import KnownHosts, SSHError, connect
+from app.run.checkpoints import Found, stage, worker_dir
+from app.run.resume import bring_model_home
 from app.run.runstate import RunState
 from app.run.telemetry import TelemetryParser
 from workers.config import JobConfig
-from workers.lifeline import EXIT_ORPHANED, HEARTBEATS_PER_TIMEOUT
+from workers.lifeline import EXIT_ORPHANED, EXIT_STOPPED, HEARTBEATS_PER_TIMEOUT
 
 log = logging.getLogger("edgetrain.launch")
 PID_TAG = "EDGETRAIN_PID"
@@ -35,6 +37,8 @@ EXIT_OOM = 3
 #: launcher's loop can be busy for a moment (a GUI thread, a slow SFTP copy), and a lost
 #: controller is noticed at once anyway when its connection closes.
 LIFELINE_S = 30.0
+#: Seconds the workers get to checkpoint and end after a stop before they are killed.
+STOP_GRACE_S = 60.0
 
 
 class LaunchError(RuntimeError):
@@ -122,10 +126,17 @@ class Launcher:
     lifeline_s
         A worker that hears nothing from this launcher for this long ends itself
         (:mod:`workers.lifeline`); the launcher writes a heartbeat several times as often.
+    resume
+        A checkpoint brought home (:func:`app.run.checkpoints.find_latest`): it is copied
+        to the devices that lack it and training continues at its step.
+    export
+        After a finished run, bring the trained model home as a Hugging Face directory
+        under the run's record (:func:`app.run.resume.bring_model_home`).
     """
 
     def __init__(self, devices: list[Device], job: JobConfig, known_hosts: KnownHosts, state: RunState,
-                 stall_s: float = 30.0, lifeline_s: float = LIFELINE_S) -> None:
+                 stall_s: float = 30.0, lifeline_s: float = LIFELINE_S, resume: Found | None = None,
+                 export: bool = False) -> None:
         if not devices:
             raise LaunchError("no devices selected. Fix: select at least one device")
         self.devices, self.job, self.known_hosts, self.state = devices, job, known_hosts, state
@@ -135,9 +146,27 @@ class Launcher:
         self.parser = TelemetryParser()
         self.workers: list[_Worker] = []
         self._stop = asyncio.Event()
+        self._stopping = False
+        self.resume, self.export = resume, export
 
-    def request_stop(self) -> None:
-        """Ask the run to stop (thread-unsafe: call on the launcher's loop)."""
+    def request_stop(self, checkpoint: bool = True) -> None:
+        """Ask the run to stop (thread-unsafe: call on the launcher's loop).
+
+        With ``checkpoint`` and workers running, they are asked to write a checkpoint
+        and end at the next step (``resume`` continues from it); they are killed if
+        that takes over ``STOP_GRACE_S``, or at a second request.
+        """
+        running = [w for w in self.workers if w.proc is not None and w.exit_status is None and w.exit_signal is None]
+        if checkpoint and running and not self._stopping and self.lifeline_s > 0:
+            self._stopping = True
+            self.state.add_event(None, "info", "stopping: the devices write a checkpoint at the end of this step")
+            for w in running:
+                try:
+                    w.proc.stdin.write("stop\n")
+                except (OSError, asyncssh.Error):
+                    pass
+            asyncio.get_running_loop().call_later(STOP_GRACE_S, self._stop.set)
+            return
         self._stop.set()
 
     async def run(self) -> str:
@@ -169,6 +198,8 @@ class Launcher:
         finally:
             await asyncio.shield(self._cleanup())
             self.state.rejected_lines = self.parser.total_rejected
+            if outcome == "done" and self.export:
+                await bring_model_home(self.state, self.known_hosts)
             self.state.finish(outcome)
         return outcome
 
@@ -220,6 +251,17 @@ class Launcher:
         job.devices = [w.device.name for w in self.workers]
         job.master_addr = self.workers[0].device.host
         job.lifeline_s = self.lifeline_s
+        job.checkpoint_dir = worker_dir(job.run_id)
+        if self.resume is not None:
+            man, home = self.resume.manifest, self.resume.home
+            fix = "check free disk space on the device (a checkpoint is copied there)"
+            staged = await asyncio.gather(*(on_device(w.device, f"copying checkpoint step {man.step}", fix,
+                                                      stage(w.conn, w.device, man, home)) for w in self.workers),
+                                          return_exceptions=True)
+            _raise_all([r for r in staged if isinstance(r, BaseException)])
+            job.resume_from = worker_dir(man.run_id, man.step)
+            self.state.add_event(None, "info", f"resuming run {man.run_id} at step {man.step} "
+                                               f"({man.kind} checkpoint, {man.total_bytes / 2**20:.1f} MiB)")
         w0 = self.workers[0]
         job.master_port = await on_device(w0.device, "choosing a rendezvous port",
                                           "check that the device's python runs", pick_port(w0.conn, w0.device))
@@ -281,6 +323,12 @@ class Launcher:
                         self.state.add_event(w.device.name, "failure", msg)
                         return "failed"
                     verdict = self._judge(w)
+                    if verdict == "stopped":
+                        # the others are writing the same checkpoint's last files: let them finish
+                        others, _ = await asyncio.wait(pending - {watchdog}, timeout=10)
+                        for o in others:
+                            if o.exception() is None:
+                                self._judge(tasks[o])
                     if verdict != "done":
                         # one device failing ends the run: the others would block in
                         # their next collective until the process-group timeout
@@ -359,6 +407,9 @@ class Launcher:
         dev = self.state.devices[name]
         if dev.status == "done" and (w.exit_status == 0 or w.reaped_after_done):
             return "done"
+        if w.exit_status == EXIT_STOPPED:
+            self.state.set_status(name, "stopped")
+            return "stopped"
         if w.exit_signal:
             dev.exit = f"signal {w.exit_signal}"
         else:

@@ -57,6 +57,16 @@ class RunEvent:
     message: str
 
 
+@dataclass
+class EvalPoint:
+    """One held-out evaluation (an ``eval`` record), after ``step`` completed steps."""
+
+    step: int
+    loss: float        # mean cross-entropy over the evaluated rows
+    accuracy: float    # 0..1
+    samples: int       # labelled rows evaluated
+
+
 class RunState:
     """Aggregates telemetry of one run.
 
@@ -75,10 +85,14 @@ class RunState:
         self.plan = plan
         self.devices = {name: DeviceRun(name, rank) for rank, name in enumerate(devices)}
         self.events: list[RunEvent] = []
+        self.evals: list[EvalPoint] = []   # by step, one per step
         self.started = time.time()
         self.ended: float | None = None
         self.outcome: str | None = None
         self.rejected_lines = 0
+        # step -> {"step", "kind", "complete", "ranks": {rank: {device, dir, bytes, files, seconds}}}
+        self.checkpoints: dict[int, dict[str, Any]] = {}
+        self.model_dir: str | None = None   # where the trained model was exported, if it was
         self.run_dir = run_dir
         self.record = Signal()
         self.device_changed = Signal()
@@ -135,6 +149,8 @@ class RunState:
                 dev.last_loss = rec["loss"]
             if dev.status != "running":
                 self.set_status(dev.name, "running")
+        elif kind == "eval":
+            self._eval(rec)
         elif kind == "oom":
             dev.peak_mem_bytes = max(dev.peak_mem_bytes, rec.get("peak_mem_bytes") or 0)
             limit = rec.get("limit_bytes")
@@ -144,6 +160,8 @@ class RunState:
         elif kind == "error":
             self.set_status(dev.name, "failed", rec["message"])
             self.add_event(dev.name, "error", f"{dev.name}: {rec['message']}")
+        elif kind == "checkpoint":
+            self._checkpoint(dev, rec)
         elif kind == "done":
             dev.param_digest = rec.get("param_digest")
             dev.param_moments = rec.get("param_moments")
@@ -169,6 +187,30 @@ class RunState:
             except (OSError, TypeError, ValueError) as exc:
                 log.error("could not write the run record of %s: %s", self.run_id, exc)
         self.finished.emit(outcome)
+
+    def _checkpoint(self, dev: DeviceRun, rec: dict) -> None:
+        """One rank's part of a checkpoint; complete when every rank has reported it."""
+        cp = self.checkpoints.setdefault(rec["step"], {"step": rec["step"], "kind": rec["kind"], "ranks": {}})
+        cp["ranks"][dev.rank] = {"device": dev.name, "dir": rec["dir"], "bytes": rec["bytes"],
+                                 "files": rec["files"], "seconds": rec.get("seconds")}
+        cp["complete"] = len(cp["ranks"]) == len(self.devices)
+        if cp["complete"]:
+            total = sum(r["bytes"] for r in cp["ranks"].values())
+            secs = max((r["seconds"] or 0.0) for r in cp["ranks"].values())
+            self.add_event(None, "info", f"checkpoint at step {rec['step']} ({rec['kind']}): "
+                                         f"{total / 2**20:.1f} MiB on {len(cp['ranks'])} devices, {secs:.1f} s")
+
+    def _eval(self, rec: dict) -> None:
+        """Keep one evaluation per step: every rank that knows the result reports it.
+
+        No run event: the views show evaluations themselves (the CLI's progress line, the
+        GUI's loss and accuracy charts), and an event would print them twice.
+        """
+        if any(e.step == rec["step"] for e in self.evals):
+            return
+        ev = EvalPoint(rec["step"], float(rec["loss"]), float(rec["accuracy"]), rec["samples"])
+        self.evals.append(ev)
+        self.evals.sort(key=lambda e: e.step)
 
     # -- reading ----------------------------------------------------------------------
     def param_moments(self) -> tuple[dict[str, Moments] | None, list[str]]:
@@ -213,6 +255,13 @@ class RunState:
             "devices": per_dev,
             # layout-independent: comparable with a one-device run of the same settings
             "param_moments": moments, "param_moments_problems": problems,
+            # held-out evaluations; eval_*: the last one (the trained model's, once done)
+            "evals": [asdict(e) for e in self.evals],
+            "eval_step": self.evals[-1].step if self.evals else None,
+            "eval_loss": self.evals[-1].loss if self.evals else None,
+            "eval_accuracy": self.evals[-1].accuracy if self.evals else None,
+            "checkpoints": [self.checkpoints[k] for k in sorted(self.checkpoints)],
+            "model_dir": self.model_dir,
         }
 
     def _attach_predictions(self, per_dev: list[dict[str, Any]]) -> None:

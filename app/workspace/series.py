@@ -1,4 +1,4 @@
-"""Fixed-size ring buffers of (time, value) points for live charts.
+"""Fixed-size ring buffers of (x, value) points for live charts (x: time, or training step).
 
 Telemetry arrives at whatever rate the workers report; the charts repaint at a fixed
 rate from these buffers.  Memory is allocated once per series, so a long run never
@@ -10,6 +10,7 @@ view repaints only the curves that changed since it last looked.
 from __future__ import annotations
 
 import csv
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,25 +161,47 @@ class SeriesStore:
 
 # ------------------------------------------------------------------ telemetry -> points
 
-#: The chart series, with their unit as plotted.
+#: The chart series over time (seconds since launch), with their unit as plotted.
 SERIES: dict[str, str] = {
     "energy": "J/sample",
     "latency": "ms/sample",
     "throughput": "samples/s",
     "memory": "MiB",
 }
+#: The chart series over training steps (x = completed steps), with their unit: the
+#: training loss of each step (``step`` records), the held-out loss and accuracy
+#: (``eval`` records).
+STEP_SERIES: dict[str, str] = {
+    "train_loss": "cross-entropy",
+    "eval_loss": "cross-entropy",
+    "accuracy": "%",
+}
 
 
 def record_points(rec: dict, t0: float) -> list[tuple[str, str, float, float]]:
-    """Chart points ``(series, device, seconds since t0, value)`` of one telemetry record.
+    """Chart points ``(series, device, x, value)`` of one telemetry record.
 
-    Only ``step`` records carry rates; ``oom`` records carry the memory at the failure.
-    Energy per sample is this device's energy over the iteration's global samples, so the
-    devices' values add up to the run's energy per sample.
+    For :data:`SERIES`, ``x`` is seconds since ``t0``: only ``step`` records carry rates;
+    ``oom`` records carry the memory at the failure.  Energy per sample is this device's
+    energy over the iteration's global samples, so the devices' values add up to the
+    run's energy per sample.
+
+    For :data:`STEP_SERIES`, ``x`` is the number of completed steps, so a training loss
+    and the evaluation that followed the same step share an ``x`` (a ``step`` record's
+    ``step`` is 0-based, an ``eval`` record's counts completed steps).  Accuracy is in
+    percent.  A NaN or infinite loss (a diverged run) is not plotted: a curve cannot
+    draw it, and the run summary still shows it.
     """
     kind = rec.get("type")
     dev = rec.get("device")
-    if dev is None or kind not in ("step", "oom"):
+    if dev is None:
+        return []
+    if kind == "eval":
+        out = [("accuracy", dev, float(rec["step"]), float(rec["accuracy"]) * 100.0)]
+        if math.isfinite(rec["loss"]):
+            out.insert(0, ("eval_loss", dev, float(rec["step"]), float(rec["loss"])))
+        return out
+    if kind not in ("step", "oom"):
         return []
     x = float(rec.get("t", t0)) - t0
     out: list[tuple[str, str, float, float]] = []
@@ -193,6 +216,9 @@ def record_points(rec: dict, t0: float) -> list[tuple[str, str, float, float]]:
             tput = (rec.get("local_samples") or samples) / rec["latency_s"]
         if tput is not None:
             out.append(("throughput", dev, x, float(tput)))
+        loss = rec.get("loss")
+        if loss is not None and math.isfinite(loss):
+            out.append(("train_loss", dev, float(rec["step"] + 1), float(loss)))
     if mem:
         out.append(("memory", dev, x, float(mem) / 2**20))
     return out

@@ -25,6 +25,7 @@ from app.paths import default_known_hosts, default_runs_dir
 from app.planner.shape import UnknownModelError, resolve_model
 from app.run.jobs import prepare_run
 from app.run.launcher import Launcher
+from app.run.resume import ResumeError, bring_home, load_past_run, resumed_settings
 from app.run.runstate import RunState
 from app.signals import Signal
 from app.workspace.session import Session, load_session, save_session
@@ -170,7 +171,35 @@ class Workspace:
         if settings.parallelism.pipelined and self.topology.stages:
             settings.stages = self.topology.stages  # run exactly the split the canvas shows
         inv = Inventory(devices=[self.devices.get(n).device for n in names], known_hosts=self.known_hosts.path)
-        return prepare_run(inv, names, settings, self.runs_dir, plan=plan)
+        return prepare_run(inv, names, settings, self.runs_dir, plan=plan, export=True)
+
+    async def prepare_resume(self, run_id: str) -> tuple[Launcher, RunState]:
+        """Continue a past run from its newest complete checkpoint (the history's Resume).
+
+        On the participants when there are any (in their order; another count or split
+        reshards the checkpoint), else on the run's own devices.  Runs on the asyncio thread:
+        the checkpoint is found on the devices and brought home first.
+
+        Raises
+        ------
+        ResumeError
+            No such run, no complete checkpoint, or nothing left to train (the message
+            says why and what to do).
+        """
+        run = load_past_run(self.runs_dir, run_id)
+        names = self.topology.participants or list(run.devices)
+        known = {d.name: d for d in run.inventory.devices}
+        devices = [e.device if (e := self.devices.get(n)) is not None else known.get(n) for n in names]
+        missing = [n for n, d in zip(names, devices) if d is None]
+        if missing:
+            raise ResumeError(f"device(s) {', '.join(missing)} of run {run_id} are not in the device list. "
+                              "Fix: load the inventory that has them, or pick participants")
+        found = await bring_home(run, self.known_hosts, extra=devices)
+        settings = resumed_settings(run, found, n_devices=len(devices))
+        if settings.parallelism.pipelined and self.topology.participants and self.topology.stages:
+            settings.stages = self.topology.stages
+        inv = Inventory(devices=devices, known_hosts=self.known_hosts.path)
+        return prepare_run(inv, names, settings, self.runs_dir, resume=found, export=True)
 
     def session(self, settings: RunSettings) -> Session:
         manual = [e.device.to_dict() for e in self.devices.entries()

@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config import JobConfig
-from ..engine import StepResult, Trainer, make_optimizer, rank_slice
+from ..engine import EvalCounts, StepResult, Trainer, eval_counts, make_optimizer, rank_slice
 
 
 class DataParallel(Trainer):
@@ -56,6 +57,23 @@ class DataParallel(Trainer):
 
     def full_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu() for n, p in self.module.named_parameters()}
+
+    def checkpoint_params(self) -> dict[str, torch.nn.Parameter]:
+        return dict(self.module.named_parameters())
+
+    @torch.no_grad()
+    def eval_batch(self, ids: torch.Tensor, labels: torch.Tensor) -> EvalCounts:
+        # The raw module, not the DDP wrapper: DDP's forward may broadcast buffers and
+        # set its reducer up for a backward, and evaluation wants neither.  Replicas hold
+        # identical parameters, so each rank's module is the model.
+        self.phase = "eval"
+        sl = rank_slice(ids.shape[0], self.rank, self.world)
+        part = eval_counts(self.module(ids[sl].to(self.device)), labels[sl])
+        # One all-reduce of three numbers; float64 keeps the counts exact.
+        buf = torch.tensor(part, dtype=torch.float64, device=self.device)
+        dist.all_reduce(buf)
+        loss_sum, correct, samples = buf.tolist()
+        return EvalCounts(loss_sum, int(correct), int(samples))
 
 
 def build(cfg: JobConfig, rank: int, model, device: torch.device) -> Trainer:

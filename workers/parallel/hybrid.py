@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import JobConfig
-from ..engine import Trainer, rank_slice
+from ..engine import EvalCounts, Trainer, rank_slice
 from .pp import PipelineParallel, model_parts  # noqa: F401 (model_parts: same parts as pp)
 
 # Elements per all-reduce bucket (16 MB of fp32): the flat copy of a GPT2-L stage's
@@ -81,6 +81,16 @@ class HybridParallel(PipelineParallel):
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))
                 offset += g.numel()
         return (grads[-1] if loss_sum is not None else None), time.perf_counter() - t0
+
+    def _eval_combine(self, counts: EvalCounts | None) -> EvalCounts | None:
+        # Each pipeline evaluated its share: the last stage's replicas add theirs up
+        # (one all-reduce of three numbers in the last stage's replica group).
+        if counts is None or self.lay.n_replicas == 1:
+            return counts
+        buf = torch.tensor(counts, dtype=torch.float64, device=self.device)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self._replica_group)
+        loss_sum, correct, samples = buf.tolist()
+        return EvalCounts(loss_sum, int(correct), int(samples))
 
 
 def _buckets(tensors: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:

@@ -42,7 +42,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from ..config import JobConfig
-from ..engine import StepResult, Trainer, make_optimizer
+from ..engine import EvalCounts, StepResult, Trainer, eval_counts, make_optimizer
 
 _SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -261,6 +261,37 @@ class PipelineParallel(Trainer):
     def full_state(self) -> dict[str, torch.Tensor]:
         return {self._names[n]: p.detach().cpu() for n, p in self.module.named_parameters()
                 if not p.is_meta}
+
+    def checkpoint_params(self) -> dict[str, torch.nn.Parameter]:
+        return {self._names[n]: p for n, p in self.module.named_parameters() if not p.is_meta}
+
+    @torch.no_grad()
+    def eval_batch(self, ids: torch.Tensor, labels: torch.Tensor) -> EvalCounts | None:
+        """Forward-only through the pipeline with the schedule's own ``eval()``.
+
+        ``eval()`` runs the same schedule (GPipe or 1F1B) with its backward switched
+        off: micro-batches flow forward, nothing is accumulated, the optimizer is not
+        touched.  Switching between ``eval()`` and ``step()`` makes the schedule set its
+        stages up again (receive buffers with and without ``requires_grad``), one small
+        exchange per switch.  The last stage gets the merged logits of its share and
+        counts them; the schedule's loss hook still runs on each micro-batch and its
+        result is dropped.
+        """
+        self.phase = "eval"
+        sl = self._share(ids.shape[0])
+        x, y = ids[sl].to(self.device), labels[sl].to(self.device)
+        if x.shape[0] % self.cfg.micro_batches:
+            raise ValueError(f"{x.shape[0]} evaluation samples do not split into "
+                             f"{self.cfg.micro_batches} equal micro-batches")
+        args = (x,) if self.lay.first else ()
+        # The schedule's loss hook indexes the target on the last stage: pass it there.
+        logits = self.schedule.eval(*args, target=y if self.lay.last else None)
+        counts = eval_counts(logits, y) if self.lay.last else None
+        return self._eval_combine(counts)
+
+    def _eval_combine(self, counts: EvalCounts | None) -> EvalCounts | None:
+        """Counts of the whole global batch from this pipeline's (hybrid: add replicas')."""
+        return counts
 
 
 def build(cfg: JobConfig, rank: int, model, device: torch.device) -> Trainer:

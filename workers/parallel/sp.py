@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..config import JobConfig
-from ..engine import StepResult, Trainer, make_optimizer, rank_slice
+from ..engine import EvalCounts, StepResult, Trainer, eval_counts, make_optimizer, rank_slice
 from ._attention import LAYER_FORWARDS, Gather, make_chunk
 
 try:  # torch >= 2.13 renamed it; the old name warns on every call
@@ -161,6 +161,29 @@ class SequenceParallel(Trainer):
 
     def full_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu() for n, p in self.model.named_parameters()}
+
+    def checkpoint_params(self) -> dict[str, torch.nn.Parameter]:
+        return dict(self.model.named_parameters())
+
+    @torch.no_grad()
+    def eval_batch(self, ids: torch.Tensor, labels: torch.Tensor) -> EvalCounts:
+        # The training forward, chunk by chunk with the K/V all-gathers (every rank
+        # must take part in them), without the backward and the gradient all-reduce.
+        self.phase = "eval"
+        seq = ids.shape[1]
+        sl, gather = self._gather(seq)
+        chunk = make_chunk(sl.start, sl.stop - sl.start, seq, self.model.causal, gather, self.device)
+        hidden = self.model.embed(ids[:, sl].to(self.device), position_offset=sl.start)
+        for block in self.model.blocks:
+            hidden = self.layer_forward(block.inner, hidden, chunk)
+        # Only the rank holding the pooled position has logits; one all-reduce of three
+        # numbers (zeros elsewhere) gives every rank the counts, as every rank reports
+        # the training loss.
+        part = eval_counts(self.model.head(hidden), labels) if self.rank == self.owner else (0.0, 0, 0)
+        buf = torch.tensor(part, dtype=torch.float64, device=self.device)
+        dist.all_reduce(buf)
+        loss_sum, correct, samples = buf.tolist()
+        return EvalCounts(loss_sum, int(correct), int(samples))
 
 
 def build(cfg: JobConfig, rank: int, model, device: torch.device) -> Trainer:

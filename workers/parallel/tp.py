@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from ..config import JobConfig
-from ..engine import StepResult, Trainer, loss_fn, make_optimizer
+from ..engine import EvalCounts, StepResult, Trainer, eval_counts, loss_fn, make_optimizer
 from ..materialise import TensorReader, materialise
 from ..memory import release_freed_memory
 
@@ -171,6 +171,17 @@ class TensorParallel(Trainer):
         return {n: (p.to_local() if isinstance(p, DTensor) else p).detach()
                 for n, p in self.model.named_parameters()}
 
+    def checkpoint_params(self) -> dict[str, torch.nn.Parameter]:
+        # DTensor shards under the model's names.  bert and opt keep HF's nn.Linear, so
+        # a shard is a slice of the one-device tensor and DCP reshards it anywhere;
+        # gpt2's converted Conv1Ds are transposed and permuted per world size
+        # (``checkpoint_layout``), so only TP on as many devices loads them directly.
+        return dict(self.model.named_parameters())
+
+    @property
+    def checkpoint_layout(self) -> str:
+        return f"tp-gpt2/{self.world}" if self.model.family == "gpt2" else "canonical"
+
     def full_state(self) -> dict[str, torch.Tensor]:
         """Every parameter as the full tensor in the HF layout, under the HF name.
 
@@ -190,6 +201,13 @@ class TensorParallel(Trainer):
                     t = t.t().contiguous()          # back to Conv1D's [in, out]
             out[name] = t.cpu()
         return out
+
+    @torch.no_grad()
+    def eval_batch(self, ids: torch.Tensor, labels: torch.Tensor) -> EvalCounts:
+        # The sharded layers' all-reduces leave every rank with the same replicated
+        # logits (as in training), so each rank counts the whole batch itself.
+        self.phase = "eval"
+        return eval_counts(self.model(ids.to(self.device)), labels)
 
 
 def model_parts(cfg: JobConfig, rank: int) -> list:
