@@ -11,6 +11,7 @@ import asyncio
 import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -162,3 +163,29 @@ def test_stop_writes_a_checkpoint_that_resume_continues_from(tmp_path):
     assert found.manifest.kind == "stop" and found.manifest.step >= 2
     assert outcome2 == "done", resumed.events
     assert all(d.steps == found.manifest.step + 2 for d in resumed.devices.values())
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_full_disk_is_named_and_training_goes_on(tmp_path):
+    async def main():
+        async with Testbed(tmp_path / "tb", n_devices=2, port=0, base_addr=base_addr()) as tb:
+            inv = load_inventory(tb.inventory_path)
+            s = settings("dp", 2)
+            s.steps = 4
+            launcher, state = prepare_run(inv, None, s, tmp_path / "runs")
+            dev1 = next(d for d in inv.devices if d.name == "dev1")
+            full = on_disk(tb, "dev1", device_dir(dev1, state.run_id))
+            full.mkdir(parents=True)
+            # a real full disk: a 64 KiB filesystem where the checkpoints of dev1 go
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], check=True)
+            try:
+                return await launcher.run(), state
+            finally:
+                subprocess.run(["umount", "-l", str(full)], check=False)
+    outcome, state = asyncio.run(main())
+    assert outcome == "done", state.events
+    failed = [e.message for e in state.events if "checkpoint at step" in e.message and "failed" in e.message]
+    assert failed and all("dev1" in m and "No space left" in m and "Fix:" in m for m in failed), failed
+    assert all(d.steps == 4 for d in state.devices.values())
+    assert not any(c["complete"] for c in state.checkpoints.values())

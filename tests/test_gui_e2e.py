@@ -165,3 +165,37 @@ def test_closing_window_mid_run_stops_every_worker(qtbot, testbed, tmp_path):
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert took < 30
+
+
+def test_stop_then_resume_from_history_brings_the_model_home(qtbot, testbed, tmp_path):
+    steps = 40
+    w = open_window(qtbot, testbed, tmp_path, ["dev0", "dev1"],
+                    RunSettings(model="tiny-gpt2", parallelism="dp", steps=steps, batch_size=32, sync_every=1,
+                                checkpoint_every=0, eval_every=10))
+    assert w.run_config.settings().eval_every == 10 and w.run_config.settings().checkpoint_every == 0
+    w.launch_action.trigger()
+    qtbot.waitUntil(lambda: w.run.state is not None and
+                    min(d.steps for d in w.run.state.devices.values()) >= 3, timeout=RUN_TIMEOUT_MS)
+    w.stop_action.trigger()            # Stop: the devices checkpoint, then end
+    qtbot.waitUntil(lambda: w.summary.summary is not None, timeout=RUN_TIMEOUT_MS)
+    first = w.summary.summary
+    assert first["outcome"] == "stopped", w.event_log.rows()
+    assert "checkpoints: 1" in w.summary.durable.text() and w.summary.durable.isVisible()
+    stopped_at = first["checkpoints"][-1]["step"]
+    assert 3 <= stopped_at < steps and first["checkpoints"][-1]["kind"] == "stop"
+    # History → select the stopped run → Resume
+    w.history.refresh()
+    row = next(i for i, r in enumerate(w.history.runs) if r.run_id == first["run_id"])
+    w.history.list.setCurrentRow(row)
+    w.summary.clear()
+    w.history.resume_button.click()
+    qtbot.waitUntil(lambda: w.summary.summary is not None, timeout=RUN_TIMEOUT_MS)
+    s = w.summary.summary
+    assert s["outcome"] == "done", w.event_log.rows()
+    assert s["run_id"] != first["run_id"] and s["steps"] == steps
+    assert any("resuming run " + first["run_id"] in m for _, _, m in w.event_log.rows())
+    model = Path(s["model_dir"])
+    assert (model / "config.json").is_file() and (model / "model.safetensors").is_file()
+    assert "trained model: " + str(model) in w.summary.durable.text()
+    assert s["eval_accuracy"] is not None and s["eval_step"] == steps
+    w.close()

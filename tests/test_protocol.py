@@ -161,3 +161,29 @@ def test_malformed_eval_records_are_rejected(change, reason):
         Emitter("r", 0, "d0", io.StringIO()).emit("eval", **fields)
     missing = {k: v for k, v in EVAL.items() if k != "accuracy"}
     assert p.feed("d0", json.dumps(missing)) is None and "lacks field 'accuracy'" in p.reasons[1]
+
+
+GOOD_FILE = {"name": "__0_0.distcp", "rank": 0, "device": "d0", "bytes": 10, "sha256": "a" * 64}
+
+
+def test_checkpoint_records_parse_back():
+    buf = io.StringIO()
+    Emitter("r", 0, "d0", buf).emit("checkpoint", step=4, kind="periodic", dir="../checkpoints/r/step-00000004",
+                                    bytes=10, files=[GOOD_FILE])
+    rec = parse_line(buf.getvalue())
+    assert rec["files"] == [GOOD_FILE] and rec["kind"] == "periodic"
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"kind": "whenever"}, "kind"),
+    ({"files": [dict(GOOD_FILE, name="../../etc/passwd")]}, "bad name"),
+    ({"files": [dict(GOOD_FILE, sha256="xyz")]}, "bad sha256"),
+    ({"files": [dict(GOOD_FILE, bytes=-1)]}, "bad size"),
+    ({"bytes": 11}, "add up"),
+    ({"files": ["__0_0.distcp"]}, "not an object"),
+])
+def test_malformed_checkpoint_records_are_rejected(change, reason):
+    rec = {"v": 1, "type": "checkpoint", "run": "r", "rank": 0, "device": "d0", "t": 1.0, "step": 4,
+           "kind": "periodic", "dir": "x", "bytes": 10, "files": [GOOD_FILE], **change}
+    with pytest.raises(ProtocolError, match=reason):
+        parse_line(json.dumps(rec))

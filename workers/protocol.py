@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
+from .checkpoint_manifest import KINDS as CHECKPOINT_KINDS
+
 VERSION = 1
 #: Prefix-free marker so the controller can tell telemetry from library chatter that
 #: also lands on stdout (warnings, prints of third-party code).
@@ -107,8 +109,36 @@ def check_eval(rec: dict) -> str | None:
     return None
 
 
+def check_checkpoint(rec: dict) -> str | None:
+    """Why a ``checkpoint`` record's values are wrong, or ``None`` when they are right.
+
+    ``files`` lists this rank's files as ``{name, rank, device, bytes, sha256}``: plain
+    names (no path), byte counts that add up to ``bytes``, 64-hex-digit hashes; ``kind``
+    is one of the checkpoint kinds.
+    """
+    if rec["kind"] not in CHECKPOINT_KINDS:
+        return f"kind {rec['kind']!r} is not one of {', '.join(CHECKPOINT_KINDS)}"
+    if rec["step"] < 0 or rec["bytes"] < 0:
+        return "step and bytes must not be negative"
+    total = 0
+    for i, f in enumerate(rec["files"]):
+        if not isinstance(f, dict):
+            return f"files[{i}] is not an object"
+        name, size, digest = f.get("name"), f.get("bytes"), f.get("sha256")
+        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+            return f"files[{i}] has a bad name {name!r}"
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            return f"files[{i}] has a bad size {size!r}"
+        if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            return f"files[{i}] has a bad sha256 {digest!r}"
+        total += size
+    if total != rec["bytes"]:
+        return f"files add up to {total} bytes, the record says {rec['bytes']}"
+    return None
+
+
 #: Per record type, a check of the values once their types are right.
-VALUE_CHECKS: dict[str, Callable[[dict], str | None]] = {"eval": check_eval}
+VALUE_CHECKS: dict[str, Callable[[dict], str | None]] = {"eval": check_eval, "checkpoint": check_checkpoint}
 
 
 class ProtocolError(ValueError):

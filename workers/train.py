@@ -49,17 +49,42 @@ class RunFlags:
             self.stop.set()
 
 
+def _save_failure(ckpt, step: int, exc: BaseException) -> str:
+    """What went wrong with this device's part of a checkpoint, for the user.  A full disk
+    surfaces from torch's writer as a position mismatch, so the free space is checked."""
+    import shutil
+
+    from .checkpoint import state_dict
+
+    device = ckpt.cfg.devices[ckpt.rank]
+    try:
+        free = shutil.disk_usage(ckpt.root).free
+        need = sum(t.numel() * t.element_size() for t in state_dict(ckpt.trainer).values())
+    except OSError:
+        free, need = None, 0
+    if free is not None and free < need:
+        why = f"No space left on device: {free / 2**20:.1f} MiB free, about {need / 2**20:.1f} MiB needed"
+    else:
+        text = str(exc).strip().splitlines()
+        why = f"{type(exc).__name__}: {text[-1][:200] if text else ''}"
+    return (f"checkpoint at step {step} failed on device {device} ({why}) under {ckpt.root}. "
+            "Fix: free space on that device or lower keep_checkpoints")
+
+
 def _checkpoint(ckpt, control, emitter, step: int, kind: str, trainer) -> None:
-    """Write a checkpoint and report it; a failed save (full disk) is reported, and
-    training goes on from the previous checkpoint's safety."""
+    """Write a checkpoint and report it; a failed save (full disk) is reported naming the
+    device, and training goes on, safe up to the previous checkpoint."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     trainer.phase = "checkpoint"
     try:
         manifest, mine = ckpt.save(step, kind)
-    except Exception as exc:  # noqa: BLE001 - DCP raises the same on every rank
+    except (Exception, CheckpointException) as exc:  # DCP raises the same on every rank
         control.saved()  # do not retry at every step
-        emitter.emit("event", name="checkpoint_failed", step=step,
-                     message=f"checkpoint at step {step} failed on device {ckpt.cfg.devices[ckpt.rank]} "
-                             f"({ckpt.root}): {str(exc)[:300]}. Fix: free space there or lower keep_checkpoints")
+        failures = getattr(exc, "failures", None) or {ckpt.rank: (exc, None)}
+        if ckpt.rank in failures:  # the device that failed says why; its peers stay quiet
+            emitter.emit("event", name="checkpoint_failed", step=step,
+                         message=_save_failure(ckpt, step, failures[ckpt.rank][0]))
         return
     control.saved()
     emitter.emit("checkpoint", step=step, kind=kind, dir=str(ckpt.root / step_dirname(step)),

@@ -58,6 +58,13 @@ class QtRunConfigPanel(QWidget):
         self.seq_len = _spin(2, 8192, d.seq_len, self)
         self.micro_batches = _spin(1, 1024, d.micro_batches, self)
         self.sync_every = _spin(1, 10000, d.sync_every, self)
+        self.checkpoint_every = _spin(0, 10_000_000, d.checkpoint_every, self)
+        self.checkpoint_every.setSpecialValueText("at the end only")
+        self.checkpoint_every.setToolTip("A sharded checkpoint every N steps (also every "
+                                         f"{d.checkpoint_minutes:g} min, at Stop and at the end)")
+        self.eval_every = _spin(0, 10_000_000, d.eval_every, self)
+        self.eval_every.setSpecialValueText("at the end only")
+        self.eval_every.setToolTip("Held-out loss and accuracy every N steps and at the end")
         self.schedule = QComboBox(self)
         self.schedule.addItems([sch.value for sch in Schedule])
         self.mode = QComboBox(self)
@@ -87,12 +94,15 @@ class QtRunConfigPanel(QWidget):
         form.addRow("Mode", self.mode)
         form.addRow("Learning rate", self.lr)
         form.addRow("Dataset", self._row(self.dataset, browse_d))
+        form.addRow("Checkpoint every", self.checkpoint_every)
+        form.addRow("Evaluate every", self.eval_every)
         self._base = RunSettings()
         self.set_settings(settings or RunSettings())
         for sig in (self.model.currentIndexChanged, self.parallelism.currentIndexChanged,
                     self.schedule.currentIndexChanged, self.mode.currentIndexChanged):
             sig.connect(self._changed)
-        for spin in (self.steps, self.batch_size, self.seq_len, self.micro_batches, self.sync_every):
+        for spin in (self.steps, self.batch_size, self.seq_len, self.micro_batches, self.sync_every,
+                     self.checkpoint_every, self.eval_every):
             spin.valueChanged.connect(self._changed)
         self.lr.valueChanged.connect(self._changed)
         self.weights.editingFinished.connect(self._changed)
@@ -140,13 +150,15 @@ class QtRunConfigPanel(QWidget):
             micro_batches=self.micro_batches.value(), sync_every=self.sync_every.value(),
             lr=self.lr.value() or None, schedule=self.schedule.currentText(),
             dataset=self.dataset.text().strip() or None, weights=weights if local else None,
-            device=self.mode.currentData())
+            device=self.mode.currentData(), checkpoint_every=self.checkpoint_every.value(),
+            eval_every=self.eval_every.value())
 
     def set_settings(self, s: RunSettings) -> None:
         """Show ``s`` (one ``settings_changed`` at the end, not one per widget)."""
         self._base = s
         widgets = [self.model, self.parallelism, self.schedule, self.mode, self.steps, self.batch_size,
-                   self.seq_len, self.micro_batches, self.sync_every, self.lr, self.weights, self.dataset]
+                   self.seq_len, self.micro_batches, self.sync_every, self.lr, self.weights, self.dataset,
+                   self.checkpoint_every, self.eval_every]
         for w in widgets:
             w.blockSignals(True)
         try:
@@ -163,6 +175,8 @@ class QtRunConfigPanel(QWidget):
             self.seq_len.setValue(s.seq_len)
             self.micro_batches.setValue(s.micro_batches)
             self.sync_every.setValue(s.sync_every)
+            self.checkpoint_every.setValue(s.checkpoint_every)
+            self.eval_every.setValue(s.eval_every)
             self.lr.setValue(s.lr or 0.0)
             self.dataset.setText(s.dataset or "")
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from PySide6.QtCore import Qt
 from PySide6.QtGui import QBrush
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -88,12 +89,16 @@ class QtRunSummary(QWidget):
         self.totals = QLabel(self)
         self.evaluation = QLabel(self)   # the last held-out evaluation (hidden without one)
         self.evaluation.setVisible(False)
+        self.durable = QLabel(self)      # checkpoints, and where the trained model is
+        self.durable.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.durable.setWordWrap(True)
         self.table = _table(self.COLUMNS, self)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(4, 4, 4, 4)
         lay.addWidget(self.headline)
         lay.addWidget(self.totals)
         lay.addWidget(self.evaluation)
+        lay.addWidget(self.durable)
         lay.addWidget(self.table, 1)
         self.summary: dict[str, Any] | None = None
 
@@ -109,6 +114,15 @@ class QtRunSummary(QWidget):
                             f"latency/sample {fmt_ms(s.get('latency_per_sample_s'))}   "
                             f"energy/sample {fmt_num(s.get('energy_per_sample_j'), '.4f', 'J')} ({methods})")
         self._show_evaluation(s)
+        done = [c for c in s.get("checkpoints") or [] if c.get("complete")]
+        parts = []
+        if done:
+            parts.append(f"checkpoints: {len(done)}, last at step {done[-1].get('step')} "
+                         f"({done[-1].get('kind')}); Resume in History continues from it")
+        if s.get("model_dir"):
+            parts.append(f"trained model: {s['model_dir']}")
+        self.durable.setText("<br>".join(parts))
+        self.durable.setVisible(bool(parts))
         devs = s.get("devices") or []
         self.table.setRowCount(len(devs))
         for r, d in enumerate(devs):
@@ -137,6 +151,8 @@ class QtRunSummary(QWidget):
         self.summary = None
         self.evaluation.setVisible(False)
         self.evaluation.setText("")
+        self.durable.setVisible(False)
+        self.durable.setText("")
         self.headline.setText("No run yet.")
         self.headline.setStyleSheet("font-weight: bold;")
         self.totals.setText("")
