@@ -24,7 +24,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from tests.equiv import reference
 from workers.checkpoint_manifest import CheckpointFile, Manifest, step_dirname
 from workers.config import JobConfig
-from workers.data import global_batch, load_dataset, read_qnli, save_tokenizer, train_tokenizer
+from workers.data import global_batch, load_dataset, split_eval, read_qnli, save_tokenizer, train_tokenizer
 from workers.dist import free_port
 from workers.export import export, main
 from workers.models import build_model
@@ -156,7 +156,7 @@ def test_dp_export_holds_the_checkpoint_and_the_trained_model(runs, dp_export):
     for name, t in saved.items():
         assert torch.equal(params[name].detach(), t), name
 
-    data, _ = load_dataset(None, "gpt2", VOCAB, S, SEED)
+    data, _ = split_eval(load_dataset(None, "gpt2", VOCAB, S, SEED)[0], SEED)  # what the workers train on
     ids, labels = global_batch(data, 2, B, SEED)  # the batch of iteration 2: trained on step-2 parameters
     staged = build_model("tiny-gpt2", weights=str(out)).eval()
     with torch.no_grad():
@@ -173,7 +173,7 @@ def test_a_new_run_starts_from_the_export(runs, dp_export):
     out, _ = dp_export
     cfg = _cfg("from-export", "dp", 1, 1, weights=str(out))
     first = _loss_at(_finish(_start(cfg)), 0)
-    data, _ = load_dataset(None, "gpt2", VOCAB, S, SEED)
+    data, _ = split_eval(load_dataset(None, "gpt2", VOCAB, S, SEED)[0], SEED)
     ids, labels = global_batch(data, 0, B, SEED)
     with torch.no_grad():
         expected = float(_hf(out)(ids, labels=labels).loss)
@@ -209,7 +209,7 @@ def test_tp_export_undoes_the_layout(runs, tmp_path):
 def test_tp_export_gives_the_loss_the_workers_trained_with(runs, tmp_path):
     out = tmp_path / "tp2"
     export(runs["tp2"], out, dataset=runs["qnli"], seq_len=S)
-    data, _ = load_dataset(runs["qnli"], "gpt2", VOCAB, S, SEED)
+    data, _ = split_eval(load_dataset(runs["qnli"], "gpt2", VOCAB, S, SEED)[0], SEED)
     ids, labels = global_batch(data, 2, B, SEED)
     with torch.no_grad():
         loss = float(_hf(out)(ids, labels=labels).loss)

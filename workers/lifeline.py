@@ -30,7 +30,7 @@ HEARTBEATS_PER_TIMEOUT = 4
 COMMANDS = ("stop",)
 #: Seconds a worker that lost its controller has to write an emergency checkpoint before
 #: it ends regardless (a step that takes minutes cannot be waited for).
-EMERGENCY_GRACE_S = 12.0
+EMERGENCY_GRACE_S = 8.0
 
 
 def leave(reason: str) -> None:

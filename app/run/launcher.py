@@ -36,7 +36,7 @@ EXIT_OOM = 3
 #: How long a worker waits for a silent controller before it ends itself.  Generous: the
 #: launcher's loop can be busy for a moment (a GUI thread, a slow SFTP copy), and a lost
 #: controller is noticed at once anyway when its connection closes.
-LIFELINE_S = 30.0
+LIFELINE_S = 10.0  # silence for this long + EMERGENCY_GRACE_S: a worker is gone within 20 s
 #: Seconds the workers get to checkpoint and end after a stop before they are killed.
 STOP_GRACE_S = 60.0
 

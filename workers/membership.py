@@ -1,0 +1,126 @@
+"""Who trains together: process groups per membership generation, re-formed when a device leaves.
+
+torch 2.13's gloo backend cannot abort a group or shrink one (``dist._reconfigure`` comes in
+2.14), so the pattern is torchft's (FEASIBILITY.md): training collectives never run on the
+default group.  Generation ``g`` builds its group over ``PrefixStore(f"g{g}/", store)`` on
+the rendezvous store (hosted by rank 0's worker); when a peer is lost the survivors drop
+that group (never destroy it: a collective may still be in flight on a gloo thread) and
+build generation ``g + 1`` among themselves.  A re-used prefix would hang in the store's
+barrier, so every generation has its own.
+
+Who survived is decided by the controller, which sees every worker's process and heartbeat;
+it writes ``regroup <generation> <rank,rank,...>`` (original ranks, in their new order) on
+each survivor's stdin (:mod:`workers.lifeline` hands the line here).
+"""
+from __future__ import annotations
+
+import datetime
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .dist import _create_gloo
+
+
+@dataclass(frozen=True)
+class Membership:
+    """One generation: the original ranks that train together, in their order."""
+
+    generation: int
+    ranks: tuple[int, ...]
+
+    def rank_of(self, original: int) -> int:
+        return self.ranks.index(original)
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+def parse_regroup(command: str) -> Membership | None:
+    """``regroup 1 0,1,3`` -> ``Membership(1, (0, 1, 3))``; ``None`` for any other line."""
+    parts = command.split()
+    if len(parts) != 3 or parts[0] != "regroup":
+        return None
+    try:
+        gen = int(parts[1])
+        ranks = tuple(int(r) for r in parts[2].split(",") if r)
+    except ValueError:
+        return None
+    if gen < 1 or not ranks or len(set(ranks)) != len(ranks) or min(ranks) < 0:
+        return None
+    return Membership(gen, ranks)
+
+
+def generation_group(store, m: Membership, original_rank: int, timeout_s: float,
+                     tag: str = "") -> dist.ProcessGroup:
+    """A gloo process group of ``m``'s members over the generation's own store prefix,
+    bound to this device's address like every group of the run (``workers.dist``).
+
+    ``dist.new_group`` cannot make it: every rank of the default group must call that, the
+    lost one too.  So the group is built by hand and then entered in torch's group registry
+    the way ``new_group`` does (``_register_pg_in_world``), because DCP and
+    ``dist.get_rank(group)`` look groups up there.  ``tag`` separates several groups of
+    one generation (training, control).
+    """
+    name = f"edgetrain-g{m.generation}{tag}"
+    prefixed = dist.PrefixStore(f"g{m.generation}{tag}/", store)
+    rank, size = m.rank_of(original_rank), m.size
+    backend = _create_gloo(prefixed, rank, size, datetime.timedelta(seconds=timeout_s))
+    pg = dist.ProcessGroup(prefixed, rank, size)
+    pg._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+    pg._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, backend)
+    pg._set_group_name(name)
+    c10d = dist.distributed_c10d
+    c10d._register_pg_in_world(pg, "edgegloo", prefixed, name, "cpu:edgegloo",
+                               rank_mapping={g: i for i, g in enumerate(m.ranks)})
+    return pg
+
+
+class Regroups:
+    """The controller's ``regroup`` commands, waited for by the training thread."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._latest: Membership | None = None
+
+    def offer(self, command: str) -> bool:
+        """Take a command line; returns whether it was a regroup."""
+        m = parse_regroup(command)
+        if m is None:
+            return False
+        with self._cond:
+            if self._latest is None or m.generation > self._latest.generation:
+                self._latest = m
+            self._cond.notify_all()
+        return True
+
+    def wait(self, after: int, timeout_s: float) -> Membership | None:
+        """The first membership of a generation above ``after``, or None after ``timeout_s``."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._latest is not None and self._latest.generation > after, timeout_s)
+            m = self._latest
+            return m if m is not None and m.generation > after else None
+
+
+def sync_state(tensors: list[torch.Tensor], clean_step: int, group: dist.ProcessGroup) -> int:
+    """Make every member's state the one with the most progress; returns the agreed step.
+
+    A peer lost in the middle of a gradient all-reduce may leave one survivor with the
+    optimizer step done and another without, so the survivors agree on the highest clean
+    step and, when they differ, the lowest member that has it sends its tensors
+    (parameters and optimizer state) to the others.
+    """
+    rank = group.rank()
+    steps = torch.tensor([clean_step, -clean_step], dtype=torch.int64)
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=group)
+    top, low = int(steps[0]), -int(steps[1])
+    if top == low:
+        return top
+    has = torch.tensor([rank if clean_step == top else 1 << 30], dtype=torch.int64)
+    dist.all_reduce(has, op=dist.ReduceOp.MIN, group=group)
+    for t in tensors:
+        dist.broadcast(t, group=group, group_src=int(has))
+    return top
