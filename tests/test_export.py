@@ -24,7 +24,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from tests.equiv import reference
 from workers.checkpoint_manifest import CheckpointFile, Manifest, step_dirname
 from workers.config import JobConfig
-from workers.data import global_batch, load_dataset, split_eval, read_qnli, save_tokenizer, train_tokenizer
+from workers.data import global_batch, load_dataset, read_qnli, save_tokenizer, split_eval, train_tokenizer
 from workers.dist import free_port
 from workers.export import export, main
 from workers.models import build_model

@@ -209,6 +209,10 @@ class JobConfig(RunSettings):
     resume_from
         A checkpoint directory on the device (same convention) to start from: training
         continues at its step; empty: start at step 0.
+    collective_timeout_s
+        How long a training collective of a run that can lose a device waits for a peer
+        (DP): bounded so that survivors stuck behind a lost peer give up in seconds, not
+        after ``timeout_s``; 0 means ``timeout_s``.
 
     ``lr`` is resolved (never ``None``) and ``stages`` is a list (empty unless pipelined).
     """
@@ -225,6 +229,7 @@ class JobConfig(RunSettings):
     lifeline_s: float = 0.0
     checkpoint_dir: str = ""
     resume_from: str = ""
+    collective_timeout_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.lr = self.resolved_lr()

@@ -25,7 +25,7 @@ EXIT_ORPHANED = 5
 #: Exit status of a worker that wrote a checkpoint and ended because its controller asked.
 EXIT_STOPPED = 6
 #: How often the launcher writes a heartbeat, as a fraction of the worker's patience.
-HEARTBEATS_PER_TIMEOUT = 4
+HEARTBEATS_PER_TIMEOUT = 10
 #: Commands the controller may write on a line of its own: ``stop`` = checkpoint and end.
 COMMANDS = ("stop",)
 #: Seconds a worker that lost its controller has to write an emergency checkpoint before
@@ -44,12 +44,14 @@ def leave(reason: str) -> None:
 
 
 def watch(timeout_s: float, fd: int = 0, on_lost: Callable[[str], None] = leave,
-          on_command: Callable[[str], None] | None = None) -> threading.Thread:
+          on_command: Callable[[str], None] | None = None,
+          on_beat: Callable[[], None] | None = None) -> threading.Thread:
     """Watch ``fd`` (stdin) on a daemon thread; call ``on_lost(reason)`` when it reaches
     end-of-file or stays silent for ``timeout_s`` seconds.
 
     Every non-empty line is a command from the controller (:data:`COMMANDS`), handed to
-    ``on_command``; an empty line is a heartbeat.  Returns the thread (already started).
+    ``on_command``; an empty line is a heartbeat, answered through ``on_beat``.  Returns
+    the thread (already started).
     Reading happens off the training thread, so a step that takes minutes does not delay
     the check.
     """
@@ -74,6 +76,8 @@ def watch(timeout_s: float, fd: int = 0, on_lost: Callable[[str], None] = leave,
                     command = line.strip().decode("ascii", "replace")
                     if command and on_command is not None:
                         on_command(command)
+                    elif not command and on_beat is not None:
+                        on_beat()
             elif time.monotonic() - last >= timeout_s:
                 on_lost(f"no word from the controller for {timeout_s:.0f} s")
                 return

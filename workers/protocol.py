@@ -38,6 +38,8 @@ REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
     "step": {"step": int, "samples": int, "latency_s": NUM, "latency_per_sample_s": NUM},
     # a held-out evaluation after `step` completed steps (workers.evaluate; check_eval)
     "eval": {"step": int, "loss": NUM, "accuracy": NUM, "samples": int},
+    # the answer to a controller heartbeat: this worker is not frozen (not logged)
+    "beat": {},
     # a notable event: phase changes, sync, warnings
     "event": {"name": str, "message": str},
     # an allocation failed on this device

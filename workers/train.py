@@ -11,85 +11,12 @@ import hashlib
 import os
 import socket
 import sys
-import threading
 import time
 import traceback
-from dataclasses import asdict
 
 from . import lifeline
-from .checkpoint_manifest import step_dirname
-from .lifeline import EXIT_ORPHANED, EXIT_STOPPED
 
 EXIT_OK, EXIT_ERROR, EXIT_OOM = 0, 1, 3
-
-
-class RunFlags:
-    """What the lifeline thread tells the training loop: the controller is gone
-    (``lapsed``) or asked to stop (``stop``), and why."""
-
-    def __init__(self) -> None:
-        self.lapsed = threading.Event()
-        self.stop = threading.Event()
-        self.reason = ""
-
-    def lost(self, reason: str) -> None:
-        """The controller is gone: checkpoint at the next step boundary, but end within
-        ``EMERGENCY_GRACE_S`` whatever happens (a step may take minutes)."""
-        self.reason = reason
-        self.lapsed.set()
-        timer = threading.Timer(lifeline.EMERGENCY_GRACE_S, lifeline.leave,
-                                args=(f"{reason}; no emergency checkpoint within "
-                                      f"{lifeline.EMERGENCY_GRACE_S:.0f} s",))
-        timer.daemon = True
-        timer.start()
-
-    def command(self, command: str) -> None:
-        if command == "stop":
-            self.reason = "the controller asked to stop"
-            self.stop.set()
-
-
-def _save_failure(ckpt, step: int, exc: BaseException) -> str:
-    """What went wrong with this device's part of a checkpoint, for the user.  A full disk
-    surfaces from torch's writer as a position mismatch, so the free space is checked."""
-    import shutil
-
-    from .checkpoint import state_dict
-
-    device = ckpt.cfg.devices[ckpt.rank]
-    try:
-        free = shutil.disk_usage(ckpt.root).free
-        need = sum(t.numel() * t.element_size() for t in state_dict(ckpt.trainer).values())
-    except OSError:
-        free, need = None, 0
-    if free is not None and free < need:
-        why = f"No space left on device: {free / 2**20:.1f} MiB free, about {need / 2**20:.1f} MiB needed"
-    else:
-        text = str(exc).strip().splitlines()
-        why = f"{type(exc).__name__}: {text[-1][:200] if text else ''}"
-    return (f"checkpoint at step {step} failed on device {device} ({why}) under {ckpt.root}. "
-            "Fix: free space on that device or lower keep_checkpoints")
-
-
-def _checkpoint(ckpt, control, emitter, step: int, kind: str, trainer) -> None:
-    """Write a checkpoint and report it; a failed save (full disk) is reported naming the
-    device, and training goes on, safe up to the previous checkpoint."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    trainer.phase = "checkpoint"
-    try:
-        manifest, mine = ckpt.save(step, kind)
-    except (Exception, CheckpointException) as exc:  # DCP raises the same on every rank
-        control.saved()  # do not retry at every step
-        failures = getattr(exc, "failures", None) or {ckpt.rank: (exc, None)}
-        if ckpt.rank in failures:  # the device that failed says why; its peers stay quiet
-            emitter.emit("event", name="checkpoint_failed", step=step,
-                         message=_save_failure(ckpt, step, failures[ckpt.rank][0]))
-        return
-    control.saved()
-    emitter.emit("checkpoint", step=step, kind=kind, dir=str(ckpt.root / step_dirname(step)),
-                 seconds=manifest.seconds, bytes=sum(f.bytes for f in mine), total_bytes=manifest.total_bytes,
-                 files=[asdict(f) for f in mine], layout=manifest.layout)
 
 
 def _param_digest(state: dict) -> str:
@@ -161,7 +88,7 @@ def _cap_cuda_memory(torch, device) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
 
 
-def run(cfg, rank: int, emitter, run_flags: RunFlags | None = None) -> int:
+def run(cfg, rank: int, emitter, run_flags=None) -> int:
     """Train per ``cfg`` as ``rank``; returns the exit code.  Imports torch lazily so
     the ``hello`` line goes out before the slow imports."""
     from .memory import PeakTracker, is_oom_error, memory_limit_bytes, rss_bytes, unmap_large_frees
@@ -170,20 +97,20 @@ def run(cfg, rank: int, emitter, run_flags: RunFlags | None = None) -> int:
     import resource
     if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:
         unmap_large_frees()  # an address-space cap: freed tensors must give back address space
-    run_flags = run_flags or RunFlags()
+    if run_flags is None:
+        from .loop import RunFlags
+        run_flags = RunFlags()
     phase = "import"
     trainer = None
     tracker = PeakTracker(cfg.device)
     try:
         import torch
-        import torch.distributed as dist
 
         from . import dist as edist
         from . import engine
-        from .checkpoint import Checkpointer, Control
-        from .data import global_batch, load_dataset, split_eval
+        from .data import load_dataset, split_eval
         from .energy import select_meter
-        from .evaluate import evaluate
+        from .loop import TrainingLoop
         from .models import build_model
 
         threads = cfg.threads or int(os.environ.get("EDGETRAIN_EMU_THREADS", "0") or 0)
@@ -216,72 +143,19 @@ def run(cfg, rank: int, emitter, run_flags: RunFlags | None = None) -> int:
         emitter.emit("event", name="ready", message=f"model {cfg.model} loaded as {trainer.role}",
                      role=trainer.role, rss_bytes=rss_bytes(), mem_limit_bytes=limit,
                      energy_source=meter.source, energy_method=meter.method)
-        control_group = dist.new_group(backend=dist.get_backend())  # never a training group
-        ckpt = Checkpointer(cfg, rank, trainer, control_group)
-        control = Control(cfg, rank, control_group, run_flags.lapsed, run_flags.stop)
-        start = 0
-        if cfg.resume_from:
-            phase = trainer.phase = "resume"
-            t_load = time.perf_counter()
-            manifest = ckpt.load(cfg.resume_from)
-            start = manifest.step
-            emitter.emit("event", name="resumed", step=start, seconds=time.perf_counter() - t_load,
-                         message=f"resumed at step {start} from the {manifest.kind} checkpoint of run "
-                                 f"{manifest.run_id} ({manifest.parallelism} on {manifest.world_size} devices)")
-            tracker.sample()
+        loop = TrainingLoop(cfg, rank, trainer, data, eval_data, emitter, meter, tracker, run_flags, _peak)
+        start = loop.resume() if cfg.resume_from else 0
         t_start = time.perf_counter()
-        last_j = 0.0
-        samples_done = 0
-        clean = start  # the last step after which no gradients were pending
-        for it in range(start, cfg.steps):
-            ids, labels = global_batch(data, it, cfg.batch_size, cfg.seed)
-            t0 = time.perf_counter()
-            res = trainer.train_step(it, ids, labels)
-            if cfg.device == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            phase = trainer.phase
-            tracker.sample()
-            reading = meter.read()
-            step_j, last_j = reading.joules - last_j, reading.joules
-            samples_done += res.samples
-            step = it + 1
-            if res.synced:
-                clean = step
-            if step % cfg.telemetry_every == 0 or step == cfg.steps:
-                emitter.emit(
-                    "step", step=it, samples=res.samples, local_samples=res.local_samples,
-                    latency_s=dt, latency_per_sample_s=dt / max(1, res.samples),
-                    throughput_sps=res.samples / dt if dt > 0 else 0.0, loss=res.loss, synced=res.synced,
-                    energy_j=step_j, energy_source=reading.source, energy_method=reading.method,
-                    baseline_subtracted=reading.baseline_subtracted,
-                    rss_bytes=rss_bytes(), peak_mem_bytes=_peak(tracker), comm_s=res.comm_s,
-                    role=trainer.role)
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                # every rank at the same step: the evaluation communicates
-                trainer.phase = "eval"
-                t_eval = time.perf_counter()
-                ev = evaluate(trainer, eval_data, cfg)
-                if ev is not None:
-                    emitter.emit("eval", step=step, loss=ev.loss, accuracy=ev.accuracy, samples=ev.samples,
-                                 seconds=time.perf_counter() - t_eval, role=trainer.role)
-                last_j = meter.read().joules  # the evaluation's energy stays out of the next step's
-            decision = control.after_step(step, clean == step)
-            if decision.save and ckpt.root is not None and clean > ckpt.last_step:
-                _checkpoint(ckpt, control, emitter, clean, decision.save, trainer)
-            if decision.stop:
-                why = run_flags.reason or "the controller asked to stop"
-                emitter.emit("event", name="stopped", step=clean, message=f"stopped after step {step}: {why}")
-                return EXIT_ORPHANED if run_flags.lapsed.is_set() else EXIT_STOPPED
-        if ckpt.root is not None and cfg.steps > ckpt.last_step:
-            _checkpoint(ckpt, control, emitter, cfg.steps, "final", trainer)
+        code = loop.run(start)
+        if code is not None:
+            return code
         trainer.phase = "finish"
         trainer.finish()
         wall = time.perf_counter() - t_start
         total = meter.read()
         meter.close()
         local = trainer.local_state()
-        emitter.emit("done", steps=cfg.steps, samples=samples_done, wall_s=wall,
+        emitter.emit("done", steps=cfg.steps, samples=loop.samples, wall_s=wall,
                      energy_j=total.joules, energy_source=total.source, energy_method=total.method,
                      energy_detail=total.detail, peak_mem_bytes=_peak(tracker), peak_rss_bytes=tracker.peak(),
                      param_digest=_param_digest(local),
@@ -321,9 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     emitter.emit("hello", world_size=cfg.world_size, parallelism=cfg.parallelism, model=cfg.model,
                  pid=os.getpid(), host=socket.gethostname(), addr=cfg.addrs[args.rank],
                  python=sys.version.split()[0])
+    from .loop import RunFlags  # torch: after the hello line
+
     flags = RunFlags()
     if cfg.lifeline_s > 0:
-        lifeline.watch(cfg.lifeline_s, on_lost=flags.lost, on_command=flags.command)
+        # every heartbeat is answered: the controller tells a frozen worker by its silence
+        lifeline.watch(cfg.lifeline_s, on_lost=flags.lost, on_command=flags.command,
+                       on_beat=lambda: emitter.emit("beat"))
     code = EXIT_ERROR
     try:
         code = run(cfg, args.rank, emitter, flags)

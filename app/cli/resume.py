@@ -50,7 +50,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     print(f"run {state.run_id}: resuming run {run.run_id} at step {m.step} ({m.kind} checkpoint, "
           f"{m.parallelism} on {m.world_size}) as {settings.parallelism} on {', '.join(state.devices)}, "
           f"to step {settings.steps}", file=sys.stderr)
-    return execute(launcher, state, settings.steps)
+    return execute(launcher, state, settings.steps, inv, runs_dir, export=not args.no_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from app.paths import edgetrain_home
 from app.run.jobs import prepare_run
 from app.run.launcher import LaunchError
 from app.run.runstate import RunState
+from app.run.supervise import run_supervised
 from app.testbed import daemon as testbed
 from workers.qnli import generate_qnli
 
@@ -136,28 +137,46 @@ def print_summary(state: RunState, out=sys.stdout) -> None:
         print(f"run record: {state.run_dir / 'record.json'}", file=out)
 
 
-async def _run_async(launcher, state: RunState) -> str:
+def _stop_on_signals(launcher) -> None:
+    """Ctrl-C and SIGTERM stop the run (the devices checkpoint first; a second one kills)."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, launcher.request_stop)
         except (NotImplementedError, RuntimeError):
             pass
-    return await launcher.run()
 
 
-def execute(launcher, state: RunState, steps: int) -> int:
-    """Run with live progress and print the summary; returns the exit code."""
-    progress = Progress(state, steps)
+def execute(launcher, state: RunState, steps: int, inv=None, runs_dir=None, export: bool = False) -> int:
+    """Run with live progress and print the summary; returns the exit code.
+
+    With ``inv``, a run that loses devices it cannot continue without restarts on the
+    survivors from its last checkpoint (:func:`app.run.supervise.run_supervised`).
+    """
+    progress = [Progress(state, steps)]
+    final = [state]
+
+    def follow(new_launcher, new_state: RunState) -> None:
+        progress[0].close()
+        print(f"run {new_state.run_id}: restarting on {', '.join(new_state.devices)}", file=sys.stderr)
+        progress[0], final[0] = Progress(new_state, steps), new_state
+        _stop_on_signals(new_launcher)
+
+    async def go() -> str:
+        _stop_on_signals(launcher)
+        if inv is None:
+            return await launcher.run()
+        outcome, final[0] = await run_supervised(launcher, state, inv, runs_dir, export=export, on_restart=follow)
+        return outcome
     try:
-        outcome = asyncio.run(_run_async(launcher, state))
+        outcome = asyncio.run(go())
     except LaunchError as exc:
-        progress.close()
+        progress[0].close()
         print(f"error: {exc}", file=sys.stderr)
-        print_summary(state)
+        print_summary(final[0])
         return 2
-    progress.close()
-    print_summary(state)
+    progress[0].close()
+    print_summary(final[0])
     return 0 if outcome == "done" else 1
 
 
@@ -167,7 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                   export=not args.no_export)
     print(f"run {state.run_id}: {args.model} {args.parallelism} on "
           f"{', '.join(state.devices)} ({args.steps} steps, batch {args.batch_size})", file=sys.stderr)
-    return execute(launcher, state, args.steps)
+    return execute(launcher, state, args.steps, inv, runs_dir_from_args(args), export=not args.no_export)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

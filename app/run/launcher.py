@@ -24,6 +24,7 @@ from app.devices.inventory import Device
 from app.devices.remote import ASSET_FIELDS, asset_digest, kill_remote, push_asset, push_workers, workers_digest
 from app.devices.ssh import KnownHosts, SSHError, connect
 from app.run.checkpoints import Found, stage, worker_dir
+from app.run.recovery import Recovery, collective_timeout
 from app.run.resume import bring_model_home
 from app.run.runstate import RunState
 from app.run.telemetry import TelemetryParser
@@ -65,6 +66,8 @@ class _Worker:
     exit_status: int | None = None
     exit_signal: str | None = None
     reaped_after_done: bool = False   # killed by us after it had reported `done`
+    last_seen: float = 0.0            # monotonic time of its last record (beats included)
+    lost_reason: str = ""             # why the recovery took it for lost (frozen, unreachable)
 
 
 async def pick_port(conn: asyncssh.SSHClientConnection, device: Device) -> int:
@@ -148,6 +151,7 @@ class Launcher:
         self._stop = asyncio.Event()
         self._stopping = False
         self.resume, self.export = resume, export
+        self.recovery = Recovery(self)
 
     def request_stop(self, checkpoint: bool = True) -> None:
         """Ask the run to stop (thread-unsafe: call on the launcher's loop).
@@ -252,6 +256,7 @@ class Launcher:
         job.master_addr = self.workers[0].device.host
         job.lifeline_s = self.lifeline_s
         job.checkpoint_dir = worker_dir(job.run_id)
+        job.collective_timeout_s = collective_timeout(self.state.plan, job.batch_size, job.timeout_s)
         if self.resume is not None:
             man, home = self.resume.manifest, self.resume.home
             fix = "check free disk space on the device (a checkpoint is copied there)"
@@ -282,6 +287,7 @@ class Launcher:
         w.proc = await w.conn.create_process(self._command(w), encoding="utf-8", errors="replace")
         self.state.set_status(w.device.name, "starting")
         line = await asyncio.wait_for(w.proc.stdout.readline(), 30)
+        w.last_seen = time.monotonic()
         if line.startswith(PID_TAG):
             try:
                 w.pid = int(line.split()[1])
@@ -323,6 +329,10 @@ class Launcher:
                         self.state.add_event(w.device.name, "failure", msg)
                         return "failed"
                     verdict = self._judge(w)
+                    if verdict == "failed" and self.recovery.can_regroup(w):
+                        await self.recovery.regroup(w, w.lost_reason or self.state.devices[w.device.name].exit
+                                                    or "its worker ended")
+                        continue
                     if verdict == "stopped":
                         # the others are writing the same checkpoint's last files: let them finish
                         others, _ = await asyncio.wait(pending - {watchdog}, timeout=10)
@@ -361,7 +371,8 @@ class Launcher:
         goes quiet.  When no record has arrived for ``stall_s``, ask every device what
         state its worker is in; one that is stopped (``T``) is the culprit."""
         while True:
-            await asyncio.sleep(min(5.0, self.stall_s / 3))
+            await asyncio.sleep(1.0)
+            await self.recovery.check_silent()
             await self._reap_finished()
             quiet = time.monotonic() - self._last_record
             if quiet < self.stall_s:
@@ -449,7 +460,9 @@ class Launcher:
             rec = self.parser.feed(name, line)
             if rec is None:
                 continue
-            self._last_record = time.monotonic()
+            self._last_record = w.last_seen = time.monotonic()
+            if rec["type"] == "event" and rec["name"] == "peer_lost":
+                self.recovery.peer_lost(w)
             try:
                 self.state.feed(rec)
             except (TypeError, ValueError, KeyError) as exc:

@@ -19,7 +19,7 @@ from app.signals import Signal
 
 log = logging.getLogger("edgetrain.runstate")
 
-STATUSES = ("pending", "connecting", "starting", "running", "done", "failed", "oom", "stopped")
+STATUSES = ("pending", "connecting", "starting", "running", "done", "failed", "oom", "stopped", "lost")
 
 
 @dataclass
@@ -121,7 +121,7 @@ class RunState:
     def feed(self, rec: dict) -> None:
         """Apply one validated telemetry record."""
         dev = self.devices.get(rec["device"])
-        if dev is None:
+        if dev is None or rec["type"] == "beat":  # heartbeats matter to the launcher only
             return
         if self._log is not None:
             self._log.write(json.dumps(rec, separators=(",", ":")) + "\n")

@@ -29,6 +29,7 @@ class DataParallel(Trainer):
         self.opt = make_optimizer(self.ddp.parameters(), cfg)
         self.device = device
         self._pending = 0  # iterations accumulated since the last optimizer step
+        self.group = None  # the replicas' process group (None: the default one, until regroup)
 
     def train_step(self, it: int, ids: torch.Tensor, labels: torch.Tensor) -> StepResult:
         sl = rank_slice(ids.shape[0], self.rank, self.world)
@@ -61,6 +62,18 @@ class DataParallel(Trainer):
     def checkpoint_params(self) -> dict[str, torch.nn.Parameter]:
         return dict(self.module.named_parameters())
 
+    def regroup(self, group, rank: int, world: int) -> None:
+        """Continue as replica ``rank`` of ``world`` in ``group`` (a device left): the same
+        module and optimizer under a new DDP; gradients in flight are dropped (the loop
+        repeats the iterations since the last sync)."""
+        self.opt.zero_grad(set_to_none=True)
+        self.rank, self.world = rank, world
+        self.role = f"replica {rank}"
+        dev = self.device
+        self.ddp = DDP(self.module, process_group=group, device_ids=[dev.index] if dev.type == "cuda" else None)
+        self.group = group
+        self._pending = 0
+
     @torch.no_grad()
     def eval_batch(self, ids: torch.Tensor, labels: torch.Tensor) -> EvalCounts:
         # The raw module, not the DDP wrapper: DDP's forward may broadcast buffers and
@@ -71,7 +84,7 @@ class DataParallel(Trainer):
         part = eval_counts(self.module(ids[sl].to(self.device)), labels[sl])
         # One all-reduce of three numbers; float64 keeps the counts exact.
         buf = torch.tensor(part, dtype=torch.float64, device=self.device)
-        dist.all_reduce(buf)
+        dist.all_reduce(buf, group=self.group)
         loss_sum, correct, samples = buf.tolist()
         return EvalCounts(loss_sum, int(correct), int(samples))
 

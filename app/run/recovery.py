@@ -1,0 +1,149 @@
+"""A device leaves, training goes on: telling a lost worker from a slow one, and re-forming the run.
+
+Detection.  Every worker answers each controller heartbeat (one per second) with a
+``beat`` record from its lifeline thread, whatever its training thread is doing, so a
+minutes-long step is not silence.  A worker killed or crashed ends its SSH channel at once.
+One silent for :data:`SILENT_S` is looked at over SSH: stopped (``T``, frozen) means lost,
+and it is killed so its peers' collectives fail now instead of at the process-group
+timeout; a device that does not answer at all (link cut, powered off) is lost too.
+
+Recovery.  Data-parallel replicas re-form in place: the launcher names the survivors
+(``regroup <generation> <ranks>`` on their stdin) and they continue from memory
+(:mod:`workers.loop`).  The rendezvous store lives in rank 0's worker, so losing rank 0,
+or a parallelism whose lost part cannot be rebuilt from its peers, ends the run; the
+caller then restarts the survivors from the last checkpoint (:func:`app.run.supervise`).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import asyncssh
+
+from app.devices.remote import kill_remote
+from workers.config import Parallelism
+
+if TYPE_CHECKING:
+    from app.run.launcher import Launcher, _Worker
+
+log = logging.getLogger("edgetrain.recovery")
+
+#: Seconds without an answer to the heartbeats before a worker is looked at.
+SILENT_S = 3.0
+#: Bounds of a DP collective's wait for a peer: at least this, else this many predicted steps.
+COLLECTIVE_FLOOR_S, COLLECTIVE_STEPS = 5.0, 5.0
+#: Seconds to wait, after a worker reports a failed collective, for a lost device to show.
+PEER_LOST_GRACE_S = 2.0
+
+
+def collective_timeout(plan: dict | None, batch_size: int, timeout_s: float) -> float:
+    """How long a DP training collective may wait for a peer: a few predicted steps (a
+    replica waits for the slowest one's compute), never under ``COLLECTIVE_FLOOR_S`` nor
+    over ``timeout_s``.  Too short only costs a re-formed group (:meth:`Recovery.peer_lost`)."""
+    per_sample = ((plan or {}).get("totals") or {}).get("median_latency_per_sample_s")
+    if not per_sample:
+        return timeout_s
+    return min(timeout_s, max(COLLECTIVE_FLOOR_S, COLLECTIVE_STEPS * per_sample * batch_size))
+
+
+class Recovery:
+    """The launcher's view of who is lost, and the membership generations of its run."""
+
+    def __init__(self, launcher: "Launcher", in_place: bool = True) -> None:
+        self.launcher = launcher
+        self.in_place = in_place
+        self.generation = 0
+        self.lost: list[str] = []
+        self._checking: set[int] = set()
+
+    def alive(self) -> list["_Worker"]:
+        return [w for w in self.launcher.workers
+                if w.proc is not None and w.exit_status is None and w.exit_signal is None
+                and w.device.name not in self.lost]
+
+    def can_regroup(self, w: "_Worker") -> bool:
+        """Whether the run can go on without ``w``'s device, in place."""
+        job = self.launcher.job
+        others = [o for o in self.alive() if o is not w]
+        return (self.in_place and job.parallelism == Parallelism.DP and w.rank != 0
+                and self.launcher.lifeline_s > 0 and bool(others))
+
+    async def regroup(self, w: "_Worker", why: str) -> None:
+        """Drop ``w``'s device and tell the survivors to continue among themselves."""
+        state = self.launcher.state
+        name = w.device.name
+        self.lost.append(name)
+        self.generation += 1
+        survivors = [o for o in self.alive() if o is not w]
+        state.set_status(name, "lost", why)
+        state.add_event(name, "lost", f"device '{name}' lost ({why}); detected "
+                                      f"{time.monotonic() - w.last_seen:.1f} s after its last word")
+        share = self.launcher.job.batch_size / len(survivors)
+        state.add_event(None, "replan", f"re-planned for {len(survivors)} devices "
+                                        f"({', '.join(o.device.name for o in survivors)}): each replica now "
+                                        f"trains {share:.1f} of {self.launcher.job.batch_size} samples per step; "
+                                        f"generation {self.generation}")
+        self._send(survivors)
+
+    def peer_lost(self, w: "_Worker") -> None:
+        """A worker's collective failed.  Usually a device is lost and about to be named;
+        if none is within ``PEER_LOST_GRACE_S`` (a collective outwaited its bound), the
+        same members re-form the group."""
+        if not self.in_place or self.launcher.job.parallelism != Parallelism.DP:
+            return
+        generation = self.generation
+
+        async def later() -> None:
+            await asyncio.sleep(PEER_LOST_GRACE_S)
+            if self.generation == generation and self.alive():
+                self.generation += 1
+                members = self.alive()
+                self.launcher.state.add_event(None, "info", f"a collective outwaited its bound on device "
+                                                            f"'{w.device.name}' with no device lost: re-forming the "
+                                                            f"group (generation {self.generation})")
+                self._send(members)
+        asyncio.ensure_future(later())
+
+    def _send(self, members: list["_Worker"]) -> None:
+        line = f"regroup {self.generation} {','.join(str(o.rank) for o in members)}\n"
+        for o in members:
+            try:
+                o.proc.stdin.write(line)
+            except (OSError, asyncssh.Error):
+                pass
+
+    async def check_silent(self) -> None:
+        """Look at every worker that has not answered the heartbeats for ``SILENT_S``."""
+        now = time.monotonic()
+        for w in self.alive():
+            if w.pid is None or not w.last_seen or now - w.last_seen < SILENT_S or w.rank in self._checking:
+                continue
+            self._checking.add(w.rank)
+            asyncio.ensure_future(self._look_at(w))
+
+    async def _look_at(self, w: "_Worker") -> None:
+        try:
+            try:
+                res = await asyncio.wait_for(w.conn.run(f"cut -d' ' -f3 /proc/{w.pid}/stat", check=False,
+                                                        encoding="utf-8", errors="replace"), SILENT_S)
+                proc_state = str(res.stdout).strip()
+            except (asyncssh.Error, OSError, asyncio.TimeoutError):
+                proc_state = "unreachable"
+            if time.monotonic() - w.last_seen < SILENT_S:
+                return  # it spoke meanwhile
+            name = w.device.name
+            if proc_state in ("T", "t"):
+                w.lost_reason = "frozen: its worker is stopped and does not answer"
+                self.launcher.state.add_event(name, "failure", f"worker on device '{name}' is frozen; ending it")
+                await kill_remote(w.conn, w.pid, grace_s=0.1)
+            elif proc_state == "unreachable":
+                w.lost_reason = "unreachable: no answer over SSH"
+                self.launcher.state.add_event(name, "failure", f"device '{name}' does not answer; taking it as lost")
+                w.proc.close()   # ends its watch: judged like any lost worker
+            else:
+                log.info("%s silent for %.1f s but its worker is %s", name, time.monotonic() - w.last_seen,
+                         proc_state or "gone")
+        finally:
+            self._checking.discard(w.rank)

@@ -1,0 +1,121 @@
+"""A device leaves a data-parallel run and training goes on, over real SSH on the testbed.
+
+A worker is killed (``kill -9``) or frozen (``SIGSTOP``) mid-run on one of 4 devices: the
+launcher names the device, re-plans for the 3 survivors, and they re-form their process
+group in place and finish every step, losing no optimizer step.  The result is exactly
+that of a run that switched to the survivors at that step: 4 devices up to the step the
+survivors continued from (checkpointed), then resumed on the same 3 survivors.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from app.devices.inventory import load_inventory
+from app.devices.ssh import KnownHosts
+from app.run.jobs import prepare_run
+from app.run.resume import bring_home, load_past_run, resumed_settings
+from app.testbed.local import Testbed
+from tests.test_e2e_spine import base_addr
+from workers.config import RunSettings
+
+pytestmark = pytest.mark.slow
+STEPS = 12
+DETECT_S = 5.0   # the promise: a lost device is named within this long
+
+
+def settings(steps: int = STEPS) -> RunSettings:
+    return RunSettings(model="tiny-gpt2", parallelism="dp", steps=steps, batch_size=48, sync_every=1,
+                       checkpoint_every=0, checkpoint_minutes=0, eval_every=0)
+
+
+def _records(state) -> list[dict]:
+    return [json.loads(ln) for ln in (state.run_dir / "telemetry.jsonl").read_text().splitlines()]
+
+
+async def _lose_one(inv, runs, sig: int):
+    launcher, state = prepare_run(inv, None, settings(), runs)
+    task = asyncio.ensure_future(launcher.run())
+    while min(d.steps for d in state.devices.values()) < 3:
+        assert not task.done(), state.events
+        await asyncio.sleep(0.01)
+    os.kill(state.devices["dev2"].pid, sig)
+    t0 = time.time()
+    return await asyncio.wait_for(task, 240), state, t0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+def test_dp_survivors_regroup_in_place_and_match_a_switched_run(tmp_path, sig):
+    async def main():
+        async with Testbed(tmp_path / "tb", n_devices=4, port=0, base_addr=base_addr()) as tb:
+            inv = load_inventory(tb.inventory_path)
+            outcome, state, t0 = await _lose_one(inv, tmp_path / "runs", sig)
+            regrouped = [r for r in _records(state) if r.get("name") == "regrouped"]
+            assert regrouped, state.events
+            at = regrouped[0]["step"]
+            # the reference: 4 devices to `at`, then the 3 survivors from there
+            s = settings(at)
+            s.checkpoint_every = 0
+            launcher, first = prepare_run(inv, None, s, tmp_path / "ref")
+            assert await launcher.run() == "done", first.events
+            run = load_past_run(tmp_path / "ref", first.run_id)
+            found = await bring_home(run, KnownHosts(inv.known_hosts_file()))
+            launcher, second = prepare_run(inv, ["dev0", "dev1", "dev3"], resumed_settings(run, found, steps=STEPS,
+                                                                                           n_devices=3),
+                                           tmp_path / "ref", resume=found)
+            assert await launcher.run() == "done", second.events
+            return outcome, state, t0, regrouped, second
+    outcome, state, t0, regrouped, ref = asyncio.run(main())
+    assert outcome == "done", state.events
+    devs = state.devices
+    assert devs["dev2"].status == "lost"
+    assert [devs[n].status for n in ("dev0", "dev1", "dev3")] == ["done"] * 3
+    assert all(devs[n].steps == STEPS for n in ("dev0", "dev1", "dev3"))
+    lost = next(e for e in state.events if e.kind == "lost")
+    assert "dev2" in lost.message and lost.t - t0 <= DETECT_S, (lost, t0)
+    assert any(e.kind == "replan" and "3 devices" in e.message for e in state.events)
+    assert {r["world_size"] for r in regrouped} == {3} and len(regrouped) == 3
+    # no optimizer step lost: the survivors continued from the step they had all reached
+    assert regrouped[0]["step"] >= 3
+    digests = {devs[n].param_digest for n in ("dev0", "dev1", "dev3")}
+    assert len(digests) == 1 and digests == {d.param_digest for d in ref.devices.values()}
+
+
+def test_pp_losing_a_stage_restarts_the_survivors_from_the_checkpoint(tmp_path):
+    from app.run.fingerprint import differing
+    from app.run.supervise import run_supervised
+
+    s = RunSettings(model="tiny-gpt2", parallelism="pp", steps=10, batch_size=32, micro_batches=4,
+                    checkpoint_every=2, checkpoint_minutes=0, eval_every=0)
+
+    async def main():
+        async with Testbed(tmp_path / "tb", n_devices=4, port=0, base_addr=base_addr()) as tb:
+            inv = load_inventory(tb.inventory_path)
+            launcher, ref = prepare_run(inv, None, s, tmp_path / "ref")
+            assert await launcher.run() == "done", ref.events
+            launcher, state = prepare_run(inv, None, s, tmp_path / "runs")
+            first = state
+            task = asyncio.ensure_future(run_supervised(launcher, state, inv, tmp_path / "runs"))
+            while min(d.steps for d in first.devices.values()) < 5:
+                assert not task.done(), first.events
+                await asyncio.sleep(0.01)
+            os.kill(first.devices["dev2"].pid, signal.SIGKILL)
+            outcome, last = await asyncio.wait_for(task, 300)
+            return ref, first, outcome, last
+    ref, first, outcome, last = asyncio.run(main())
+    assert first.outcome == "failed" and first.devices["dev2"].status == "failed"
+    assert outcome == "done" and last is not first, last.events
+    assert list(last.devices) == ["dev0", "dev1", "dev3"]
+    assert all(d.steps == 10 for d in last.devices.values())
+    assert last.config["resumed_from"]["run_id"] == first.run_id
+    said = [e.message for e in last.events if e.kind == "replan"]
+    assert said and "dev2" in said[0] and "restart from" in said[0]
+    # the pipeline's arithmetic does not depend on the stage split: the whole model after
+    # the restart on 3 stages is the model of the uninterrupted 4-stage run
+    got, want = last.summary()["param_moments"], ref.summary()["param_moments"]
+    assert got and want and not differing(got, want)
