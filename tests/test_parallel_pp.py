@@ -131,8 +131,13 @@ def test_matches_single_device(case: str, runs) -> None:
     # would not catch a wrong gradient scale: Adam's update barely depends on it), and
     # together the stages hold a gradient for every parameter.
     assert_grads_match(ref_grads, [r["grads0"] for r in ranks])
-    # Params after cfg.steps optimizer steps; together the stages cover the model.
-    assert_matches(ref_state, [r["state"] for r in ranks])
+    # Params after cfg.steps optimizer steps; together the stages cover the model.  The
+    # stages add micro-batch gradients in another order than one backward over the batch;
+    # for an embedding row that a rare token barely touches, AdamW's m / sqrt(v) turns that
+    # last-bit difference into a step of up to a few lr * 1e-2 (seen: 2e-5 on 1 of 64000
+    # elements once the held-out split changed the batches).  The gradients above are
+    # checked tightly; a wrong gradient shows there, not here.
+    assert_matches(ref_state, [r["state"] for r in ranks], atol=1e-4)
     # Replicas of one stage hold identical parameters (and the same ones).
     for stage in cfg.stages:
         first = ranks[stage["ranks"][0]]["state"]
