@@ -44,6 +44,8 @@ def digests(state) -> list[str]:
 
 async def _run(inv, s: RunSettings, runs, kill_at: int | None = None, resume=None):
     launcher, state = prepare_run(inv, None, s, runs, resume=resume)
+    # the run must end at the kill (DP would otherwise go on in place: tests/test_recovery.py)
+    launcher.recovery.in_place = False
     task = asyncio.ensure_future(launcher.run())
     if kill_at is not None:
         victim = state.devices["dev1"]
@@ -98,7 +100,7 @@ def test_killed_worker_resumes_to_the_uninterrupted_result(tmp_path, parallelism
     assert [d.steps for d in resumed.devices.values()] == [STEPS, STEPS]
 
 
-def test_damaged_checkpoint_file_is_named_and_nothing_is_resumed_from_it(tmp_path):
+def test_finished_run_is_not_resumed_and_a_damaged_file_is_named(tmp_path):
     async def main():
         async with Testbed(tmp_path / "tb", n_devices=2, port=0, base_addr=base_addr()) as tb:
             inv = load_inventory(tb.inventory_path)
@@ -106,31 +108,20 @@ def test_damaged_checkpoint_file_is_named_and_nothing_is_resumed_from_it(tmp_pat
             s.steps = 2
             outcome, state = await _run(inv, s, tmp_path / "runs")
             assert outcome == "done", state.events
+            run = load_past_run(tmp_path / "runs", state.run_id)
+            found = await bring_home(run, known(tb))
+            # no home copy from here on: the devices' files are all there is
+            shutil.rmtree(home_dir(run.run_dir))
             dev1 = next(d for d in inv.devices if d.name == "dev1")
-            ckpt = on_disk(tb, "dev1", device_dir(dev1, state.run_id, 2))
-            shard = next(ckpt.glob("__1_*.distcp"))
+            shard = next(on_disk(tb, "dev1", device_dir(dev1, state.run_id, 2)).glob("__1_*.distcp"))
             data = bytearray(shard.read_bytes())
             data[len(data) // 2] ^= 0xFF          # same size, different bytes
             shard.write_bytes(bytes(data))
-            run = load_past_run(tmp_path / "runs", state.run_id)
             with pytest.raises(ResumeError) as err:
                 await bring_home(run, known(tb))
-            return str(err.value), shard.name
-    msg, name = asyncio.run(main())
+            return run, found, str(err.value), shard.name
+    run, found, msg, name = asyncio.run(main())
     assert name in msg and "dev1" in msg and "does not match" in msg
-
-
-def test_resume_refuses_a_run_that_is_already_finished(tmp_path):
-    async def main():
-        async with Testbed(tmp_path / "tb", n_devices=2, port=0, base_addr=base_addr()) as tb:
-            inv = load_inventory(tb.inventory_path)
-            s = settings("dp", 0)
-            s.steps = 2
-            outcome, state = await _run(inv, s, tmp_path / "runs")
-            assert outcome == "done"
-            run = load_past_run(tmp_path / "runs", state.run_id)
-            return run, await bring_home(run, known(tb))
-    run, found = asyncio.run(main())
     assert found.manifest.kind == "final" and found.manifest.step == 2
     with pytest.raises(ResumeError, match="--steps"):
         resumed_settings(run, found)

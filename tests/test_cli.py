@@ -144,7 +144,8 @@ def _run_argv(bed: Bed, run: str) -> list[str]:
             "--steps", "2", "--batch-size", "8", "--micro-batches", "2"]
     if run == "bad-data":
         return argv + ["--devices", "dev4", "--parallelism", "dp", "--dataset", MISSING_DATA]
-    return argv + ["--devices", ",".join(RUNS[run][0]), "--parallelism", run]
+    # the DP run also brings its trained model home (the export is the same for all)
+    return argv + ["--devices", ",".join(RUNS[run][0]), "--parallelism", run] + (["--no-export"] if run != "dp" else [])
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +184,11 @@ def test_run_each_parallelism(bed, runs, parallelism):
     rows = device_rows(r.stdout)
     assert [x["device"] for x in rows] == names and [x["rank"] for x in rows] == list(range(n)), r.stdout
     assert all(x["status"] == "done" and x["steps"] == 2 for x in rows), r.stdout
+    assert re.search(r"^checkpoints: 1 \(last: step 2, final\)", r.stdout, re.MULTILINE), r.stdout
+    model = re.search(r"^trained model: (\S+)", r.stdout, re.MULTILINE)
+    assert bool(model) == (parallelism == "dp"), r.stdout
+    if model:
+        assert (Path(model[1]) / "config.json").is_file() and (Path(model[1]) / "model.safetensors").is_file()
     roles = [x["role"] for x in rows]
     assert all(x.startswith(role) for x in roles), (parallelism, roles)
     if parallelism in ("sp", "tp", "pp"):

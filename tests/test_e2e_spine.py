@@ -84,7 +84,8 @@ def test_dp_run_over_ssh_replicas_identical(tmp_path):
 
 
 def test_killing_one_worker_ends_run_naming_device(tmp_path):
-    settings = RunSettings(model="tiny-gpt2", parallelism="dp", steps=100000, batch_size=32)
+    # a pipeline cannot go on without a stage in place (DP can: tests/test_recovery.py)
+    settings = RunSettings(model="tiny-gpt2", parallelism="pp", steps=100000, batch_size=32)
     outcome, took, state, pids = asyncio.run(_interrupt_run(
         tmp_path, settings, 2, lambda launcher, state: psutil.Process(state.devices["dev1"].pid).kill()))
     assert outcome == "failed"
@@ -173,7 +174,7 @@ def test_known_hosts_writers_do_not_undo_each_other(tmp_path):
 def test_frozen_worker_is_named_and_everything_is_killed(tmp_path):
     """A SIGSTOPped worker closes no connection: its peers just wait.  The watchdog
     notices the silence, finds the stopped process and names its device."""
-    settings = RunSettings(steps=100000, batch_size=32, stall_s=3.0, timeout_s=300)
+    settings = RunSettings(parallelism="pp", steps=100000, batch_size=32, stall_s=3.0, timeout_s=300)
     outcome, took, state, pids = asyncio.run(_interrupt_run(
         tmp_path, settings, 2, lambda launcher, state: psutil.Process(state.devices["dev1"].pid).suspend()))
     assert outcome == "failed"

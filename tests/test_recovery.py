@@ -123,3 +123,40 @@ def test_pp_losing_a_stage_restarts_the_survivors_from_the_checkpoint(tmp_path):
     # the restart on 3 stages is the model of the uninterrupted 4-stage run
     got, want = last.summary()["param_moments"], ref.summary()["param_moments"]
     assert got and want and not differing(got, want)
+
+
+@pytest.mark.root
+def test_dp_cut_link_is_detected_and_the_others_continue(tmp_path):
+    """netns tier: a device's link goes down (no process dies, nothing closes): its silence
+    names it within 5 s, the others' bounded collectives give up, and they continue."""
+    import subprocess
+    from dataclasses import asdict
+
+    from app.testbed import netns
+    if netns.unavailable_reason():
+        pytest.skip(f"netns tier: {netns.unavailable_reason()}")
+    d = tmp_path / "tier"
+
+    async def main(tb):
+        inv = load_inventory(tb.inventory_path)
+        s = settings(40)
+        launcher, state = prepare_run(inv, None, s, tmp_path / "runs")
+        task = asyncio.ensure_future(launcher.run())
+        while min(d.steps for d in state.devices.values()) < 3:
+            assert not task.done(), state.events
+            await asyncio.sleep(0.01)
+        victim = tb.devices[2]
+        subprocess.run(["ip", "link", "set", victim.veth, "down"], check=True)
+        t0 = time.time()
+        return await asyncio.wait_for(task, 240), state, t0, victim.name
+    try:
+        tb = netns.netns_up(d, n=3, timeout=120, rate_mbit=1000, **asdict(netns.NetnsNames.tagged()))
+        outcome, state, t0, victim = asyncio.run(main(tb))
+    finally:
+        netns.netns_down(d)
+    assert outcome == "done", state.events
+    lost = next(e for e in state.events if e.kind == "lost")
+    assert victim in lost.message and "unreachable" in lost.message and lost.t - t0 <= DETECT_S, (lost, t0)
+    survivors = [dv for dv in state.devices.values() if dv.name != victim]
+    assert all(dv.status == "done" and dv.steps == 40 for dv in survivors)
+    assert len({dv.param_digest for dv in survivors}) == 1

@@ -200,7 +200,7 @@ class TrainingLoop:
             return False
         t0 = time.perf_counter()
         text = str(exc).strip().splitlines()
-        self.emitter.emit("event", name="peer_lost", step=self.clean,
+        self.emitter.emit("event", name="peer_lost", step=self.clean, generation=self.generation,
                           message=f"a collective failed ({type(exc).__name__}: {text[0][:160] if text else ''}); "
                                   "waiting for the controller to name the survivors")
         m = self.flags.regroups.wait(self.generation, REGROUP_WAIT_S)
@@ -224,8 +224,9 @@ class TrainingLoop:
         cfg = self.cfg
         store = dist.distributed_c10d._get_default_store()
         bound = (cfg.collective_timeout_s or cfg.timeout_s) if self.regroupable else cfg.timeout_s
-        control_pg = generation_group(store, m, self.rank, bound, tag="c")
-        ckpt_pg = generation_group(store, m, self.rank, cfg.timeout_s, tag="k")
+        join = max(cfg.timeout_s, 2 * bound)
+        control_pg = generation_group(store, m, self.rank, bound, tag="c", join_timeout_s=join)
+        ckpt_pg = generation_group(store, m, self.rank, cfg.timeout_s, tag="k", join_timeout_s=join)
         devices, addrs = list(cfg.devices), list(cfg.addrs)
         new_rank = m.rank_of(self.rank)
         cfg.world_size = m.size
@@ -234,7 +235,7 @@ class TrainingLoop:
         if self.regroupable:
             if m.generation > 0:  # a peer lost mid-all-reduce may leave survivors a step apart
                 self.clean = sync_state(list(state_dict(self.trainer).values()), self.clean, control_pg)
-            self.trainer.regroup(generation_group(store, m, self.rank, bound), new_rank, m.size)
+            self.trainer.regroup(generation_group(store, m, self.rank, bound, join_timeout_s=join), new_rank, m.size)
         self.control.group, self.ckpt.group = control_pg, ckpt_pg
         self.ckpt.rank = self.control.rank = new_rank
         self.generation = m.generation

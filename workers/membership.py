@@ -55,7 +55,7 @@ def parse_regroup(command: str) -> Membership | None:
 
 
 def generation_group(store, m: Membership, original_rank: int, timeout_s: float,
-                     tag: str = "") -> dist.ProcessGroup:
+                     tag: str = "", join_timeout_s: float = 60.0) -> dist.ProcessGroup:
     """A gloo process group of ``m``'s members over the generation's own store prefix,
     bound to this device's address like every group of the run (``workers.dist``).
 
@@ -64,10 +64,17 @@ def generation_group(store, m: Membership, original_rank: int, timeout_s: float,
     the way ``new_group`` does (``_register_pg_in_world``), because DCP and
     ``dist.get_rank(group)`` look groups up there.  ``tag`` separates several groups of
     one generation (training, control).
+
+    ``timeout_s`` bounds the group's collectives; joining it waits up to
+    ``join_timeout_s`` for every member (a survivor may still be finding out, at its old
+    group's bound, that a peer is gone).
     """
     name = f"edgetrain-g{m.generation}{tag}"
     prefixed = dist.PrefixStore(f"g{m.generation}{tag}/", store)
     rank, size = m.rank_of(original_rank), m.size
+    # gloo's own rendezvous would use the collective bound: wait for everyone first
+    prefixed.set(f"here/{rank}", "1")
+    prefixed.wait([f"here/{r}" for r in range(size)], datetime.timedelta(seconds=join_timeout_s))
     backend = _create_gloo(prefixed, rank, size, datetime.timedelta(seconds=timeout_s))
     pg = dist.ProcessGroup(prefixed, rank, size)
     pg._set_default_backend(dist.ProcessGroup.BackendType.GLOO)

@@ -462,7 +462,7 @@ class Launcher:
                 continue
             self._last_record = w.last_seen = time.monotonic()
             if rec["type"] == "event" and rec["name"] == "peer_lost":
-                self.recovery.peer_lost(w)
+                self.recovery.peer_lost(w, rec.get("generation"))
             try:
                 self.state.feed(rec)
             except (TypeError, ValueError, KeyError) as exc:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgetrain.recovery")
 
 #: Seconds without an answer to the heartbeats before a worker is looked at.
-SILENT_S = 3.0
+SILENT_S = 2.0
 #: Bounds of a DP collective's wait for a peer: at least this, else this many predicted steps.
 COLLECTIVE_FLOOR_S, COLLECTIVE_STEPS = 5.0, 5.0
 #: Seconds to wait, after a worker reports a failed collective, for a lost device to show.
@@ -87,11 +87,14 @@ class Recovery:
                                         f"generation {self.generation}")
         self._send(survivors)
 
-    def peer_lost(self, w: "_Worker") -> None:
-        """A worker's collective failed.  Usually a device is lost and about to be named;
-        if none is within ``PEER_LOST_GRACE_S`` (a collective outwaited its bound), the
-        same members re-form the group."""
+    def peer_lost(self, w: "_Worker", generation: int | None) -> None:
+        """A worker's collective of ``generation`` failed.  Usually a device is lost and
+        about to be named; if none is within ``PEER_LOST_GRACE_S`` (a collective outwaited
+        its bound), the same members re-form the group.  A failure of a generation already
+        replaced is old news."""
         if not self.in_place or self.launcher.job.parallelism != Parallelism.DP:
+            return
+        if generation is None or generation < self.generation:
             return
         generation = self.generation
 
