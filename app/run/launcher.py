@@ -327,8 +327,7 @@ class Launcher:
                         msg = f"lost the connection to device '{w.device.name}': {t.exception()}"
                         self.state.set_status(w.device.name, "failed", msg)
                         self.state.add_event(w.device.name, "failure", msg)
-                        return "failed"
-                    verdict = self._judge(w)
+                    verdict = self._judge(w) if t.exception() is None else "failed"
                     if verdict == "failed" and self.recovery.can_regroup(w):
                         await self.recovery.regroup(w, w.lost_reason or self.state.devices[w.device.name].exit
                                                     or "its worker ended")
@@ -340,8 +339,8 @@ class Launcher:
                             if o.exception() is None:
                                 self._judge(tasks[o])
                     if verdict != "done":
-                        # one device failing ends the run: the others would block in
-                        # their next collective until the process-group timeout
+                        # one device failing ends the run (unless DP regrouped above): the
+                        # others would block in their next collective until the timeout
                         return verdict
             return outcome
         finally:

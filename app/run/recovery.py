@@ -144,7 +144,8 @@ class Recovery:
             elif proc_state == "unreachable":
                 w.lost_reason = "unreachable: no answer over SSH"
                 self.launcher.state.add_event(name, "failure", f"device '{name}' does not answer; taking it as lost")
-                w.proc.close()   # ends its watch: judged like any lost worker
+                # no goodbye over a dead link: drop the connection, which ends its watch now
+                w.conn.abort()
             else:
                 log.info("%s silent for %.1f s but its worker is %s", name, time.monotonic() - w.last_seen,
                          proc_state or "gone")
