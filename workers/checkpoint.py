@@ -18,7 +18,6 @@ run's control group, never on the training groups.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import threading
@@ -36,17 +35,10 @@ from .checkpoint_manifest import (
     CheckpointFile,
     Manifest,
     parse_step_dirname,
+    sha256_file,
     step_dirname,
 )
 from .config import JobConfig
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_atomic(path: Path, text: str, tag: str) -> None:

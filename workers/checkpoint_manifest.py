@@ -12,8 +12,10 @@ Standard library only: the controller reads manifests without torch.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 FORMAT = 1
@@ -21,6 +23,15 @@ MANIFEST_NAME = "manifest.json"
 METADATA_NAME = ".metadata"
 #: Why a checkpoint was written.
 KINDS = ("periodic", "final", "emergency", "stop")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (checkpoint files are gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def step_dirname(step: int) -> str:

@@ -35,7 +35,8 @@ from transformers import PreTrainedTokenizerFast
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
-from .checkpoint import read_manifest, sha256_file
+from .checkpoint import read_manifest
+from .checkpoint_manifest import sha256_file
 from .config import RunSettings
 from .data import CAUSAL_FAMILIES, CLS_NAMES, PAD_NAMES, SEP_NAMES, load_tokenizer, read_qnli, train_tokenizer
 from .models import PRESETS, build_model

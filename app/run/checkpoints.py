@@ -11,7 +11,6 @@ the run's work when a device is gone for good.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import posixpath
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import asyncssh
 from app.devices.inventory import Device
 from app.devices.ssh import KnownHosts, SSHError, connect
 from app.paths import atomic_write_text
-from workers.checkpoint_manifest import MANIFEST_NAME, Manifest, parse_step_dirname, step_dirname
+from workers.checkpoint_manifest import MANIFEST_NAME, Manifest, parse_step_dirname, sha256_file, step_dirname
 
 log = logging.getLogger("edgetrain.checkpoints")
 
@@ -59,14 +58,6 @@ class Found:
     manifest: Manifest
     home: Path                 # the verified home copy
     skipped: list[str] = field(default_factory=list)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def home_manifest(path: Path) -> Manifest | None:
@@ -176,13 +167,13 @@ async def fetch(devs: Devices, man: Manifest, home: Path) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     for f in man.files:
         local = home / f.name
-        if local.is_file() and local.stat().st_size == f.bytes and await asyncio.to_thread(_sha256, local) == f.sha256:
+        if local.is_file() and local.stat().st_size == f.bytes and await asyncio.to_thread(sha256_file, local) == f.sha256:
             continue
         device = devs.by_name[f.device]
         part = local.with_name(local.name + ".part")
         async with devs.conns[f.device].start_sftp_client() as sftp:
             await sftp.get(f"{device_dir(device, man.run_id, man.step)}/{f.name}", str(part))
-        digest = await asyncio.to_thread(_sha256, part)
+        digest = await asyncio.to_thread(sha256_file, part)
         if digest != f.sha256:
             part.unlink(missing_ok=True)
             raise CheckpointError(f"checkpoint step {man.step} of run {man.run_id}: {f.name} from device "
