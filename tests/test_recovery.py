@@ -160,3 +160,28 @@ def test_dp_cut_link_is_detected_and_the_others_continue(tmp_path):
     survivors = [dv for dv in state.devices.values() if dv.name != victim]
     assert all(dv.status == "done" and dv.steps == 40 for dv in survivors)
     assert len({dv.param_digest for dv in survivors}) == 1
+
+
+def test_no_plan_for_the_survivors_is_said_not_raised(tmp_path):
+    """hybrid 2 x 2 loses a device: 3 survivors make no grid of replicas; the run ends
+    saying so (and how to resume elsewhere) instead of crashing the controller."""
+    from app.run.supervise import run_supervised
+
+    s = RunSettings(model="tiny-gpt2", parallelism="hybrid", steps=1000, batch_size=32, micro_batches=4,
+                    checkpoint_every=2, checkpoint_minutes=0, eval_every=0,
+                    stages=[{"ranks": [0, 1], "layers": [0, 2]}, {"ranks": [2, 3], "layers": [2, 4]}])
+
+    async def main():
+        async with Testbed(tmp_path / "tb", n_devices=4, port=0, base_addr=base_addr()) as tb:
+            inv = load_inventory(tb.inventory_path)
+            launcher, state = prepare_run(inv, None, s, tmp_path / "runs")
+            task = asyncio.ensure_future(run_supervised(launcher, state, inv, tmp_path / "runs"))
+            while min(d.steps for d in state.devices.values()) < 3:
+                assert not task.done(), state.events
+                await asyncio.sleep(0.01)
+            os.kill(state.devices["dev2"].pid, signal.SIGKILL)
+            return await asyncio.wait_for(task, 240)
+    outcome, state = asyncio.run(main())
+    assert outcome == "failed"
+    said = [e.message for e in state.events if e.kind == "error" and "no plan fits" in e.message]
+    assert said and "dev2" in said[0] and "edgetrain resume" in said[0]

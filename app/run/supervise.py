@@ -53,9 +53,17 @@ async def run_supervised(launcher: Launcher, state: RunState, inv: Inventory, ru
         msg = (f"device(s) {', '.join(lost)} lost; {run.settings.parallelism} cannot continue in place, so the "
                f"{len(survivors)} survivors ({', '.join(survivors)}) restart from the {m.kind} checkpoint at step "
                f"{m.step} of run {run.run_id}, re-planned for them")
+        try:
+            new_launcher, new_state = prepare_run(inv, survivors, settings, runs_dir, resume=found, export=export)
+        except (ValueError, KeyError) as exc:  # e.g. hybrid: 3 survivors make no grid of replicas
+            state.add_event(None, "error", f"device(s) {', '.join(lost)} lost and no plan fits the "
+                                           f"{len(survivors)} survivors ({exc}); resume on other devices with "
+                                           f"edgetrain resume {run.run_id} --devices ... --parallelism ...")
+            state.save()
+            break
         state.add_event(None, "replan", msg)
         state.save()
-        launcher, state = prepare_run(inv, survivors, settings, runs_dir, resume=found, export=export)
+        launcher, state = new_launcher, new_state
         state.add_event(None, "replan", msg)
         if on_restart is not None:
             on_restart(launcher, state)
