@@ -2,7 +2,10 @@
 
 One worker per device.  It joins the run's process group, builds its part of the model,
 trains on the deterministic global batches, and reports everything as telemetry v1 on
-stdout (``workers.protocol``).  Exit codes: 0 done, 3 out of memory, 1 any other error.
+stdout (``workers.protocol``).  The loop itself (checkpoints, evaluation, stop, recovery
+when a peer is lost) is :mod:`workers.loop`.  Exit codes: 0 done, 3 out of memory, 5 the
+controller went away (after an emergency checkpoint if there was time), 6 stopped by the
+controller (after a checkpoint), 1 any other error.
 """
 from __future__ import annotations
 
