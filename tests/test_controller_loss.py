@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from app.devices.inventory import load_inventory
@@ -24,7 +23,8 @@ from app.run.resume import bring_home, load_past_run, resumed_settings
 from app.testbed import netns
 from app.testbed.local import Testbed
 from app.workspace.loop import AsyncLoop
-from tests.test_e2e_spine import base_addr
+from tests.test_e2e_spine import base_addr, gone
+from tests.test_lifeline import wait_for
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,21 +59,6 @@ def _records(runs: Path) -> list[dict]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _wait(pred, what: str, timeout: float = HANG_S) -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def _kill_controller_then_resume(inventory: Path, runs: Path, parallelism: str = "dp") -> None:
     ctl = subprocess.Popen([sys.executable, "-c", CONTROLLER, str(inventory), str(runs), parallelism],
                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -81,15 +66,15 @@ def _kill_controller_then_resume(inventory: Path, runs: Path, parallelism: str =
         def training() -> bool:
             ranks = {r["rank"] for r in _records(runs) if r.get("type") == "step" and r["step"] >= 2}
             return len(ranks) == 2 or ctl.poll() is not None
-        _wait(training, "both workers training")
+        wait_for(training, "both workers training")
         assert ctl.poll() is None, ctl.stderr.read().decode()
         pids = sorted({r["pid"] for r in _records(runs) if r.get("type") == "hello"})
-        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        assert len(pids) == 2 and not any(gone(p) for p in pids)
     finally:
         ctl.kill()
         ctl.wait()
     t0 = time.monotonic()
-    _wait(lambda: not any(_alive(p) for p in pids), "the workers to end after the controller was killed")
+    wait_for(lambda: all(gone(p) for p in pids), "the workers to end after the controller was killed")
     gone_after = time.monotonic() - t0
     assert gone_after <= WITHIN_S, f"workers outlived their controller by {gone_after:.1f} s"
 

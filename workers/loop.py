@@ -36,12 +36,11 @@ class RunFlags:
     """What the lifeline thread tells the training loop: the controller is gone
     (``lapsed``), asked to stop (``stop``) or re-formed the group (``regroups``)."""
 
-    def __init__(self, on_beat=None) -> None:
+    def __init__(self) -> None:
         self.lapsed = threading.Event()
         self.stop = threading.Event()
         self.regroups = Regroups()
         self.reason = ""
-        self.on_beat = on_beat or (lambda: None)
 
     def lost(self, reason: str) -> None:
         """The controller is gone: checkpoint at the next step boundary, but end within
