@@ -1,5 +1,9 @@
 """Screenshot of the control panel mid-run on a local testbed (docs/screenshot-main.png).
 
+With ``--drill``: a DP run in which one device's worker is killed from the failure drill,
+grabbed once the survivors train again, with the Recovery tab showing the timeline
+(docs/screenshot-recovery.png).
+
 Starts an in-process testbed (heterogeneous boards, one with a small memory cap), opens
 the main window, ticks the devices, picks pipeline parallelism, launches a run, waits
 until the charts hold points (and a few held-out evaluations: the loss and accuracy
@@ -7,6 +11,8 @@ plots), and grabs the window.
 
     QT_QPA_PLATFORM=xcb xvfb-run -a -s "-screen 0 1400x900x24" \\
         .venv/bin/python bench/screenshot_main.py --out docs/screenshot-main.png
+    QT_QPA_PLATFORM=xcb xvfb-run -a -s "-screen 0 1400x900x24" \\
+        .venv/bin/python bench/screenshot_main.py --drill --out docs/screenshot-recovery.png
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ def main() -> int:
     ap.add_argument("--points", type=int, default=60, help="latency points to wait for before the grab")
     ap.add_argument("--evals", type=int, default=4, help="held-out evaluations to wait for before the grab")
     ap.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations")
+    ap.add_argument("--drill", action="store_true", help="DP; kill the third device mid-run; show the recovery")
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip profiling the devices")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="edgetrain-shot-"))
@@ -66,7 +73,8 @@ def main() -> int:
         names = [d.name for d in tb.devices]
         for n in names:
             window.toggle_participant(n, True)
-        window.run_config.set_settings(RunSettings(model="tiny-gpt2", parallelism="pp", steps=args.steps,
+        window.run_config.set_settings(RunSettings(model="tiny-gpt2", parallelism="dp" if args.drill else "pp",
+                                                   steps=args.steps, sync_every=1,
                                                    batch_size=64, seq_len=32, micro_batches=4,
                                                    eval_every=args.eval_every))
         wait_until(app, lambda: window.planner.latest is not None and not window.planner.busy, 10)
@@ -83,6 +91,14 @@ def main() -> int:
                         and window.charts.point_count("accuracy") >= args.evals, 240)
         if not ok:
             print("no live points in time; the screenshot shows what there is", file=sys.stderr)
+        if args.drill:
+            from app.workspace.drill import Fault
+            window.drill.drill(names[2], Fault.KILL)
+            if not wait_until(app, lambda: any(p == "resumed" for _, p, _ in window.timeline.phases()), 60):
+                print("the run did not resume in time", file=sys.stderr)
+            n = window.charts.point_count("latency")
+            wait_until(app, lambda: window.charts.point_count("latency") >= n + 30, 60)
+            window.bottom_tabs.setCurrentWidget(window.timeline)
         wait_until(app, lambda: False, 1.0)  # a few chart frames
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

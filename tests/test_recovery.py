@@ -112,13 +112,17 @@ def test_pp_losing_a_stage_restarts_the_survivors_from_the_checkpoint(tmp_path):
             outcome, last = await asyncio.wait_for(task, 300)
             return ref, first, outcome, last
     ref, first, outcome, last = asyncio.run(main())
-    assert first.outcome == "failed" and first.devices["dev2"].status == "failed"
+    assert first.outcome == "failed" and first.devices["dev2"].status == "lost"
     assert outcome == "done" and last is not first, last.events
     assert list(last.devices) == ["dev0", "dev1", "dev3"]
     assert all(d.steps == 10 for d in last.devices.values())
     assert last.config["resumed_from"]["run_id"] == first.run_id
     said = [e.message for e in last.events if e.kind == "replan"]
     assert said and "dev2" in said[0] and "restart from" in said[0]
+    # the new run's record tells the whole incident, as the CLI and the GUI show it
+    from app.run.timeline import recovery_timeline
+    marks = recovery_timeline(last.events)
+    assert [m.phase for m in marks] == ["detected", "re-planned", "resumed"] and marks[0].device == "dev2"
     # the pipeline's arithmetic does not depend on the stage split: the whole model after
     # the restart on 3 stages is the model of the uninterrupted 4-stage run
     got, want = last.summary()["param_moments"], ref.summary()["param_moments"]

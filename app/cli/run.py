@@ -21,6 +21,7 @@ from app.run.jobs import prepare_run
 from app.run.launcher import LaunchError
 from app.run.runstate import RunState
 from app.run.supervise import run_supervised
+from app.run.timeline import describe, recovery_timeline
 from app.testbed import daemon as testbed
 from workers.qnli import generate_qnli
 
@@ -48,7 +49,7 @@ class Progress:
         state.event.connect(self._on_event)
 
     def _on_event(self, ev) -> None:
-        if ev.kind in ("oom", "error", "failure"):
+        if ev.kind in ("oom", "error", "failure", "lost", "drill"):
             self._line(f"!! {ev.message}")
         elif ev.device is None:  # the run's own news: checkpoints, resume, stop
             self._line(f"-- {ev.message}")
@@ -126,6 +127,8 @@ def print_summary(state: RunState, out=sys.stdout) -> None:
     for ev in state.events:
         if ev.kind in ("oom", "error", "failure"):
             print(f"  {ev.kind.upper()}: {ev.message}", file=out)
+    for line in describe(recovery_timeline(state.events)):
+        print(f"recovery: {line}", file=out)
     done = [c for c in s["checkpoints"] if c.get("complete")]
     if done:
         last = done[-1]

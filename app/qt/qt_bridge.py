@@ -67,6 +67,19 @@ class QtRunBridge(QObject):
             sig.disconnect(slot)
         self._slots = []
 
+    def follow(self, state: RunState) -> None:
+        """Listen to ``state`` instead (a run restarted on the survivors; any thread).  Its
+        re-plan, announced before anyone listened, is re-emitted."""
+        self.detach()
+        self.state = state
+        self._slots = [(state.record, self._on_record), (state.device_changed, self._on_device),
+                       (state.event, self._on_event), (state.finished, self._on_finished)]
+        for sig, slot in self._slots:
+            sig.connect(slot)
+        for ev in list(state.events):
+            if ev.kind == "replan":
+                self._on_event(ev)
+
 
 class QtDeviceListBridge(QObject):
     """Re-emits :class:`DeviceList` changes (any thread) as queued Qt signals of names."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from PySide6.QtCore import QPointF, QRectF, Qt, Signal
+from PySide6.QtCore import QPoint, QPointF, QRectF, Qt, Signal
 from PySide6.QtGui import QBrush, QColor, QFont, QFontMetrics, QPainter, QPainterPath, QPen
 from PySide6.QtWidgets import (
     QGraphicsItem,
@@ -86,9 +86,11 @@ class QtNodeItem(QGraphicsObject):
         fonts = self._scene_ref.fonts
         level = node.mem_level
         rect = QRectF(0, 0, NODE_W, NODE_H)
+        if node.status == "lost":
+            p.setOpacity(0.45)  # the run goes on without it: greyed out, still in its place
         border = QColor("#2f6fb5") if self.isSelected() else QColor("#9aa5b1")
         p.setPen(QPen(border, 2 if self.isSelected() else 1))
-        p.setBrush(QBrush(MEM_COLOURS[level]))
+        p.setBrush(QBrush(QColor("#e9ecef") if node.status == "lost" else MEM_COLOURS[level]))
         p.drawRoundedRect(rect, 6, 6)
         # the device's colour: same as its chart curves
         p.setPen(Qt.NoPen)
@@ -126,6 +128,10 @@ class QtNodeItem(QGraphicsObject):
             cap = fmt_bytes(node.mem_capacity_bytes) if node.mem_capacity_bytes else "no cap"
             text = f"{'OOM  ' if level == 'oom' else ''}{fmt_bytes(node.mem_pred_bytes)} / {cap}"
         p.drawText(QRectF(x, NODE_H - 13, NODE_W - x - 8, 12), Qt.AlignLeft | Qt.AlignVCenter, text)
+
+    def contextMenuEvent(self, event) -> None:  # noqa: N802 - Qt override
+        self._scene_ref.context_requested.emit(self.node_id, event.screenPos())
+        event.accept()
 
     # ------------------------------------------------------------------ drag
     def mousePressEvent(self, event) -> None:  # noqa: N802 - Qt override
@@ -199,6 +205,7 @@ class QtTopologyScene(QGraphicsScene):
     """Mirrors a :class:`Topology`; emits ``move_requested(node_id, old, new)`` on a drop."""
 
     move_requested = Signal(str, int, int)
+    context_requested = Signal(str, QPoint)   # a right-click on a node: its id, the global position
     relaid = Signal()   # the nodes were laid out again (the view refits)
 
     def __init__(self, topology: Topology, colour_of: Callable[[str], QColor] | None = None,

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from PySide6.QtCore import QAbstractTableModel, QItemSelectionModel, QModelIndex, QPersistentModelIndex, Qt, Signal
+from PySide6.QtCore import (
+    QAbstractTableModel,
+    QItemSelectionModel,
+    QModelIndex,
+    QPersistentModelIndex,
+    QPoint,
+    Qt,
+    Signal,
+)
 from PySide6.QtGui import QBrush
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -187,6 +195,7 @@ class QtDevicesPanel(QWidget):
     trust_requested(str)             "Trust host key…" for the selected device
     reprofile_requested(list)        "Re-profile" the selected devices (all if none)
     check_requested()                "Check" reachability and host keys
+    context_requested(str, QPoint)   a right-click on a device (its name, the global position)
     """
 
     participant_toggled = Signal(str, bool)
@@ -194,6 +203,7 @@ class QtDevicesPanel(QWidget):
     trust_requested = Signal(str)
     reprofile_requested = Signal(list)
     check_requested = Signal()
+    context_requested = Signal(str, QPoint)
 
     def __init__(self, devices: DeviceList, topology: Topology, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -213,6 +223,8 @@ class QtDevicesPanel(QWidget):
         self.view.setTextElideMode(Qt.ElideRight)
         self.view.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)  # columns elide; tooltips carry it all
         self.view.setWordWrap(False)
+        self.view.setContextMenuPolicy(Qt.CustomContextMenu)
+        self.view.customContextMenuRequested.connect(self._on_context)
         self.count_label = QLabel(self)
         self.buttons: dict[str, QPushButton] = {}
         row = QHBoxLayout()
@@ -246,6 +258,12 @@ class QtDevicesPanel(QWidget):
     def _update_count(self, *_: Any) -> None:
         n = self.model.rowCount()
         self.count_label.setText(f"{n} device(s), {len(self._topology)} selected as participants")
+
+    def _on_context(self, pos: QPoint) -> None:
+        index = self.view.indexAt(pos)
+        names = self.model.names()
+        if index.isValid() and index.row() < len(names):
+            self.context_requested.emit(names[index.row()], self.view.viewport().mapToGlobal(pos))
 
     def selected_names(self) -> list[str]:
         rows = sorted({i.row() for i in self.view.selectionModel().selectedRows()})

@@ -15,18 +15,7 @@ from typing import Any
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QAction, QCloseEvent, QKeySequence, QUndoStack
-from PySide6.QtWidgets import (
-    QDockWidget,
-    QHBoxLayout,
-    QLabel,
-    QMainWindow,
-    QMessageBox,
-    QSplitter,
-    QTabWidget,
-    QToolBar,
-    QVBoxLayout,
-    QWidget,
-)
+from PySide6.QtWidgets import QDockWidget, QLabel, QMainWindow, QMessageBox, QSplitter, QTabWidget, QToolBar, QWidget
 
 from app.workspace.loop import AsyncLoop
 from app.workspace.preview import PlanPreview, compute_preview
@@ -40,34 +29,17 @@ from .qt_charts import QtLiveCharts
 from .qt_commands import QtMoveNodeCommand, QtSetOrderCommand, QtSetParticipantCommand
 from .qt_device_actions import QtDeviceActions
 from .qt_devices import QtDevicesPanel
+from .qt_drill import QtDrill
 from .qt_file_actions import QtFileActions
 from .qt_history import QtRunHistory, QtRunViewer, apply_plan_references
 from .qt_plan import QtPlanner, QtPlanView
 from .qt_run import QtRunController
 from .qt_runconfig import QtRunConfigPanel
-from .qt_runviews import QtEventLog, QtRunSummary
-from .qt_style import device_colour, fmt_ms
+from .qt_runviews import QtEventLog, QtRunSummary, QtTimeline
+from .qt_style import device_colour, fmt_ms, titled
 
 log = logging.getLogger("edgetrain.qt")
 MARKER_KINDS = ("oom", "failure", "error")
-
-
-def _titled(title: str, widget: QWidget, parent: QWidget, extra: QWidget | None = None) -> QWidget:
-    box = QWidget(parent)
-    lay = QVBoxLayout(box)
-    lay.setContentsMargins(2, 2, 2, 2)
-    lay.setSpacing(2)
-    label = QLabel(f"<b>{title}</b>", box)
-    if extra is not None:
-        row = QHBoxLayout()
-        row.addWidget(label)
-        row.addStretch(1)
-        row.addWidget(extra)
-        lay.addLayout(row)
-    else:
-        lay.addWidget(label)
-    lay.addWidget(widget, 1)
-    return box
 
 
 class QtMainWindow(QMainWindow):
@@ -103,6 +75,7 @@ class QtMainWindow(QMainWindow):
         self._t0 = 0.0
         self._closed = False
         self.viewers: list[QtRunViewer] = []
+        self._menu = None   # the open context menu (kept alive while it shows)
         self._build_views()
         self._build_actions()
         self._wire()
@@ -128,29 +101,32 @@ class QtMainWindow(QMainWindow):
         self.planner = QtPlanner(self._plan_inputs, parent=self)
         self.charts = QtLiveCharts(self.store, colour_of=self.colour_of, parent=self)
         self.event_log = QtEventLog(self)
+        self.timeline = QtTimeline(self)
         self.summary = QtRunSummary(self)
         self.history = QtRunHistory(lambda: ws.runs_dir, self)
         self.run = QtRunController(self.loop, self.futures, self)
         self.device_actions = QtDeviceActions(ws, self.loop, self.futures, self)
+        self.drill = QtDrill(self.run, self.loop, self.futures, ws.testbed_dirs, self)
         self.file_actions = QtFileActions(self.charts, self)
         self.run_label = QLabel("idle", self)
         self.statusBar().addPermanentWidget(self.run_label)
 
-        self.canvas_box = _titled("Topology — drag a node to change the stage order", self.canvas, self)
+        self.canvas_box = titled("Topology — drag a node to change the stage order", self.canvas, self)
         center = QSplitter(Qt.Vertical, self)
         center.addWidget(self.canvas_box)
-        center.addWidget(_titled("Live telemetry — dashed: predicted", self.charts, self))
+        center.addWidget(titled("Live telemetry — dashed: predicted", self.charts, self))
         center.setSizes([300, 560])
         self.setCentralWidget(center)
 
         left = QSplitter(Qt.Vertical, self)
-        left.addWidget(_titled("Devices", self.devices_panel, self))
-        left.addWidget(_titled("Plan preview", self.plan_view, self))
+        left.addWidget(titled("Devices", self.devices_panel, self))
+        left.addWidget(titled("Plan preview", self.plan_view, self))
         left.setSizes([420, 400])
         self.left_dock = self._dock("Devices and plan", left, Qt.LeftDockWidgetArea)
         self.config_dock = self._dock("Run configuration", self.run_config, Qt.RightDockWidgetArea)
         self.bottom_tabs = QTabWidget(self)
         self.bottom_tabs.addTab(self.event_log, "Event log")
+        self.bottom_tabs.addTab(self.timeline, "Recovery")
         self.bottom_tabs.addTab(self.summary, "Run summary")
         self.bottom_tabs.addTab(self.history, "History")
         self.bottom_dock = self._dock("Run", self.bottom_tabs, Qt.RightDockWidgetArea)
@@ -230,6 +206,10 @@ class QtMainWindow(QMainWindow):
         self.devices_panel.reprofile_requested.connect(self.device_actions.reprofile)
         self.devices_panel.check_requested.connect(self.device_actions.check)
         self.scene.move_requested.connect(self.move_node)
+        self.scene.context_requested.connect(self.device_menu)
+        self.devices_panel.context_requested.connect(self.device_menu)
+        self.drill.message.connect(self.statusBar().showMessage)
+        self.run.restarted.connect(self._on_restarted)
         self.run_config.settings_changed.connect(self._on_settings_changed)
         self.workspace.topology.order_changed.connect(self._on_order_changed)
         self.workspace.profiles_changed.connect(self._on_profiles_changed)
@@ -372,7 +352,8 @@ class QtMainWindow(QMainWindow):
         # the record keeps the plan the user saw
         plan = pv.plan.to_dict() if pv is not None and pv.plan is not None else None
         try:
-            state = self.run.start(*self.workspace.prepare_run(self.run_config.settings(), plan))
+            state = self.run.start(*self.workspace.prepare_run(self.run_config.settings(), plan),
+                                   supervise=self.workspace.run_supervised)
         except (RuntimeError, ValueError, KeyError, OSError) as exc:
             QMessageBox.warning(self, "Launch", str(exc))
             return
@@ -387,7 +368,7 @@ class QtMainWindow(QMainWindow):
 
         def done(fut) -> None:
             try:
-                state = self.run.start(*fut.result())
+                state = self.run.start(*fut.result(), supervise=self.workspace.run_supervised)
             except Exception as exc:  # noqa: BLE001 - ResumeError and SSH errors say what to do
                 self.run_label.setText(f"resume of {run_id} failed")
                 QMessageBox.warning(self, "Resume", str(exc))
@@ -402,6 +383,7 @@ class QtMainWindow(QMainWindow):
         if plan is not None:
             apply_plan_references(self.charts, plan)
         self.event_log.clear()
+        self.timeline.clear()
         self.summary.clear()
         self.bottom_tabs.setCurrentWidget(self.event_log)
         for n in names:
@@ -432,8 +414,23 @@ class QtMainWindow(QMainWindow):
 
     def _on_event(self, ev: dict) -> None:
         self.event_log.add_event(ev)
+        if self.timeline.add_event(ev) and not self._closed:
+            self.bottom_tabs.setCurrentWidget(self.timeline)
         if ev.get("kind") in MARKER_KINDS and ev.get("device"):
             self.charts.add_marker(float(ev["t"]) - self._t0, ev["kind"], ev["device"], ev.get("message", ""))
+
+    def _on_restarted(self, run_id: str) -> None:
+        """The run lost a device it could not go on without and restarted on the survivors."""
+        self.run_label.setText(f"run {run_id}: restarted on the survivors")
+        if self.run.state is not None:
+            self.devices_panel.model.set_busy(set(self.run.state.devices))
+
+    def device_menu(self, name: str, pos) -> None:
+        """A device's context menu: trust, re-profile, and the failure drill during a run."""
+        extra = [self._action("Trust host key…", lambda: self.device_actions.trust(name)),
+                 self._action("Re-profile", lambda: self.device_actions.reprofile([name]))]
+        self._menu = self.drill.menu(name, self, extra)
+        self._menu.popup(pos)
 
     def _on_finished(self, outcome: str, summary: dict) -> None:
         self.summary.show_summary(summary)

@@ -32,6 +32,8 @@ class QtRunController(QObject):
     record(dict)                a telemetry record
     device_changed(str, str)    device, status
     event(dict)                 a run event (``t``, ``device``, ``kind``, ``message``)
+    restarted(str)              the run restarted on its survivors as this new run id; the
+                                new run state is :attr:`state`
     finished(str, dict)         outcome and ``RunState.summary()``
     """
 
@@ -39,6 +41,7 @@ class QtRunController(QObject):
     record = Signal(object)
     device_changed = Signal(str, str)
     event = Signal(object)
+    restarted = Signal(str)
     finished = Signal(str, object)
 
     def __init__(self, loop: AsyncLoop, futures: QtFutures, parent: QObject | None = None) -> None:
@@ -53,8 +56,11 @@ class QtRunController(QObject):
     def running(self) -> bool:
         return self._future is not None and not self._future.done()
 
-    def start(self, launcher: Launcher, state: RunState) -> RunState:
+    def start(self, launcher: Launcher, state: RunState, supervise=None) -> RunState:
         """Launch a prepared run (``Workspace.prepare_run``).
+
+        With ``supervise`` (``Workspace.run_supervised``), a run that loses a device it
+        cannot go on without in place restarts on the survivors, and this follows it.
 
         Raises
         ------
@@ -71,10 +77,18 @@ class QtRunController(QObject):
         bridge.device_changed.connect(self.device_changed)
         bridge.event.connect(self.event)
         self._bridge, self.state, self.launcher = bridge, state, launcher
-        self._future = self.loop.submit(launcher.run())
+        self._future = self.loop.submit(launcher.run() if supervise is None
+                                        else supervise(launcher, state, self._follow))
         self.futures.watch(self._future, self._on_done)
         self.started.emit(state.run_id)
         return state
+
+    def _follow(self, launcher: Launcher, state: RunState) -> None:
+        """The run restarted on its survivors (on the asyncio thread)."""
+        self.launcher, self.state = launcher, state
+        if self._bridge is not None:
+            self._bridge.follow(state)
+        self.restarted.emit(state.run_id)
 
     def _on_done(self, fut: concurrent.futures.Future) -> None:
         state = self.state

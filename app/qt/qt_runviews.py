@@ -1,4 +1,4 @@
-"""Views of one run besides the charts: the event log and the summary."""
+"""Views of one run besides the charts: the event log, the recovery timeline and the summary."""
 from __future__ import annotations
 
 import time
@@ -15,6 +15,8 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+
+from app.workspace.incidents import Incidents
 
 from .qt_style import EVENT_COLOURS, STATUS_COLOURS, fmt_bytes, fmt_ms, fmt_num
 
@@ -74,6 +76,51 @@ class QtEventLog(QWidget):
 
     def clear(self) -> None:
         self.table.setRowCount(0)
+
+
+class QtTimeline(QWidget):
+    """The recovery timeline of the run: failure → detected → re-planned → resumed, per
+    incident, each with its time after the incident began (:mod:`app.run.timeline`)."""
+
+    COLUMNS = ("#", "Phase", "After", "Time", "Device", "What")
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.table = _table(self.COLUMNS, self)
+        self.hint = QLabel("No device has left this run. During a run, right-click a device → "
+                           "Failure drill to see how the run recovers.", self)
+        self.hint.setWordWrap(True)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.hint)
+        lay.addWidget(self.table, 1)
+        self.incidents = Incidents()
+
+    def add_event(self, ev: dict[str, Any]) -> bool:
+        """Take one run event; returns whether the timeline changed."""
+        if not self.incidents.add(ev):
+            return False
+        marks = self.incidents.marks
+        t = self.table
+        t.setRowCount(len(marks))
+        for row, m in enumerate(marks):
+            cells = (str(m.incident), m.phase, f"+{m.after_s:.1f} s",
+                     time.strftime("%H:%M:%S", time.localtime(m.t)), m.device or "–", m.message)
+            for col, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                item.setToolTip(m.message)
+                t.setItem(row, col, item)
+        self.hint.setVisible(not marks)
+        return True
+
+    def phases(self) -> list[tuple[int, str, float]]:
+        """``(incident, phase, seconds after it began)`` of every row (tests)."""
+        return [(m.incident, m.phase, m.after_s) for m in self.incidents.marks]
+
+    def clear(self) -> None:
+        self.incidents.clear()
+        self.table.setRowCount(0)
+        self.hint.setVisible(True)
 
 
 class QtRunSummary(QWidget):

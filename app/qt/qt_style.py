@@ -6,7 +6,7 @@ plan row.  Memory levels and statuses map to a small fixed palette.
 from __future__ import annotations
 
 from PySide6.QtGui import QColor, QPalette
-from PySide6.QtWidgets import QApplication
+from PySide6.QtWidgets import QApplication, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
 # Tableau-like qualitative palette: distinct on white, readable at 1 px.
 _DEVICE_COLOURS = (
@@ -68,3 +68,22 @@ def apply_app_style(app: QApplication) -> None:
     if font.pointSize() > 0 and font.pointSize() < 9:
         font.setPointSize(9)
         app.setFont(font)
+
+
+def titled(title: str, widget: QWidget, parent: QWidget, extra: QWidget | None = None) -> QWidget:
+    """``widget`` under a bold ``title`` (and ``extra`` at the title's right)."""
+    box = QWidget(parent)
+    lay = QVBoxLayout(box)
+    lay.setContentsMargins(2, 2, 2, 2)
+    lay.setSpacing(2)
+    label = QLabel(f"<b>{title}</b>", box)
+    if extra is not None:
+        row = QHBoxLayout()
+        row.addWidget(label)
+        row.addStretch(1)
+        row.addWidget(extra)
+        lay.addLayout(row)
+    else:
+        lay.addWidget(label)
+    lay.addWidget(widget, 1)
+    return box

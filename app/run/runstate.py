@@ -53,7 +53,7 @@ class DeviceRun:
 class RunEvent:
     t: float
     device: str | None
-    kind: str          # info, oom, error, failure, done
+    kind: str          # info, oom, error, failure, drill, lost, replan, resumed
     message: str
 
 
@@ -99,6 +99,10 @@ class RunState:
         self.event = Signal()
         self.finished = Signal()
         self._log = None
+        # after a re-plan: when it happened, and the devices that have re-formed since
+        # (a step only they complete shows training resumed on the survivors)
+        self._replanned: float | None = None
+        self._rejoined: set[str] = set()
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
             self._log = open(run_dir / "telemetry.jsonl", "a", buffering=1)
@@ -116,6 +120,8 @@ class RunState:
     def add_event(self, device: str | None, kind: str, message: str) -> None:
         ev = RunEvent(time.time(), device, kind, message)
         self.events.append(ev)
+        if kind == "replan":
+            self._replanned, self._rejoined = ev.t, set()
         self.event.emit(ev)
 
     def feed(self, rec: dict) -> None:
@@ -134,6 +140,8 @@ class RunState:
                 dev.role = rec["role"]
             if rec["name"] == "ready":
                 self.set_status(dev.name, "running")
+            elif rec["name"] in ("regrouped", "resumed") and self._replanned is not None:
+                self._rejoined.add(dev.name)
             self.add_event(dev.name, "info", rec["message"])
         elif kind == "step":
             dev.steps = rec["step"] + 1
@@ -149,6 +157,8 @@ class RunState:
                 dev.last_loss = rec["loss"]
             if dev.status != "running":
                 self.set_status(dev.name, "running")
+            if self._replanned is not None and dev.name in self._rejoined:
+                self._resumed(rec)
         elif kind == "eval":
             self._eval(rec)
         elif kind == "oom":
@@ -187,6 +197,15 @@ class RunState:
             except (OSError, TypeError, ValueError) as exc:
                 log.error("could not write the run record of %s: %s", self.run_id, exc)
         self.finished.emit(outcome)
+
+    def _resumed(self, rec: dict) -> None:
+        """The first step completed by the survivors after a re-plan."""
+        lost = [e.t for e in self.events if e.kind in ("drill", "lost", "failure") and e.t <= self._replanned]
+        since = time.time() - (lost[-1] if lost else self._replanned)
+        n = sum(1 for d in self.devices.values() if d.status not in ("lost", "failed", "oom"))
+        self._replanned = None
+        self.add_event(None, "resumed", f"training resumed: step {rec['step'] + 1} completed on the {n} "
+                                        f"surviving devices, {since:.1f} s after the loss")
 
     def _checkpoint(self, dev: DeviceRun, rec: dict) -> None:
         """One rank's part of a checkpoint; complete when every rank has reported it."""

@@ -61,8 +61,13 @@ async def run_supervised(launcher: Launcher, state: RunState, inv: Inventory, ru
                                            f"edgetrain resume {run.run_id} --devices ... --parallelism ...")
             state.save()
             break
+        for name in lost:
+            state.set_status(name, "lost")
         state.add_event(None, "replan", msg)
         state.save()
+        # the new run's record tells the whole incident: how the loss was detected, then
+        # its re-plan and resume (:mod:`app.run.timeline`)
+        new_state.events[:0] = [e for e in state.events if e.kind in ("drill", "lost", "failure")]
         launcher, state = new_launcher, new_state
         state.add_event(None, "replan", msg)
         if on_restart is not None:

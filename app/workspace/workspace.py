@@ -21,12 +21,13 @@ from app.devices.discovery import DeviceList
 from app.devices.inventory import Inventory, load_inventory
 from app.devices.profile import DeviceProfile, LinkMatrix, ProfileCache, load_cached_profiles, profile_devices
 from app.devices.ssh import KnownHosts, fetch_host_key, fingerprint
-from app.paths import default_known_hosts, default_runs_dir
+from app.paths import default_known_hosts, default_runs_dir, edgetrain_home
 from app.planner.shape import UnknownModelError, resolve_model
 from app.run.jobs import prepare_run
 from app.run.launcher import Launcher
 from app.run.resume import ResumeError, bring_home, load_past_run, resumed_settings
 from app.run.runstate import RunState
+from app.run.supervise import run_supervised
 from app.signals import Signal
 from app.workspace.session import Session, load_session, save_session
 from app.workspace.topology import Topology
@@ -200,6 +201,23 @@ class Workspace:
             settings.stages = self.topology.stages
         inv = Inventory(devices=devices, known_hosts=self.known_hosts.path)
         return prepare_run(inv, names, settings, self.runs_dir, resume=found, export=True)
+
+    def testbed_dirs(self) -> list[Path]:
+        """Where a namespace testbed of these devices may be recorded (a drill cuts its links)."""
+        dirs = [edgetrain_home() / "netns-testbed"]
+        if self.inventory_path is not None:
+            dirs.insert(0, Path(self.inventory_path).parent)
+        return dirs
+
+    async def run_supervised(self, launcher: Launcher, state: RunState,
+                             on_restart: Callable[[Launcher, RunState], None] | None = None) -> str:
+        """Run; a run that loses a device it cannot go on without in place restarts on the
+        survivors from its last checkpoint (:func:`app.run.supervise.run_supervised`).
+        ``on_restart(launcher, state)`` is called, on the asyncio thread, before each restart."""
+        inv = Inventory(devices=[e.device for e in self.devices.entries()],
+                        known_hosts=self.known_hosts.path)
+        outcome, _ = await run_supervised(launcher, state, inv, self.runs_dir, export=True, on_restart=on_restart)
+        return outcome
 
     def session(self, settings: RunSettings) -> Session:
         manual = [e.device.to_dict() for e in self.devices.entries()

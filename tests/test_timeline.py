@@ -1,0 +1,34 @@
+"""The recovery timeline read from run events (:mod:`app.run.timeline`)."""
+from __future__ import annotations
+
+from app.run.runstate import RunEvent
+from app.run.timeline import describe, recovery_timeline
+
+
+def ev(t: float, kind: str, device: str | None = None) -> RunEvent:
+    return RunEvent(t, device, kind, f"{kind} at {t}")
+
+
+def test_a_drill_its_detection_replan_and_resume_make_one_incident():
+    events = [ev(1, "info", "dev0"), ev(10, "drill", "dev2"), ev(10.3, "lost", "dev2"), ev(10.3, "replan"),
+              ev(11, "failure", "dev1"),   # a peer failing after the first device: same incident
+              ev(14.5, "resumed"), ev(20, "info")]
+    marks = recovery_timeline(events)
+    assert [(m.incident, m.phase) for m in marks] == [(1, "failure"), (1, "detected"), (1, "re-planned"),
+                                                      (1, "resumed")]
+    assert [round(m.after_s, 1) for m in marks] == [0.0, 0.3, 0.3, 4.5]
+    assert describe(marks) == ["dev2: failure → detected +0.3 s → re-planned +0.3 s → resumed +4.5 s"]
+
+
+def test_a_second_loss_after_resuming_is_a_second_incident_and_an_unfinished_one_says_so():
+    events = [ev(5, "lost", "dev2"), ev(5.1, "replan"), ev(8, "resumed"),
+              ev(30, "failure", "dev3")]
+    marks = recovery_timeline(events)
+    assert [(m.incident, m.phase, m.device) for m in marks] == [
+        (1, "detected", "dev2"), (1, "re-planned", None), (1, "resumed", None), (2, "detected", "dev3")]
+    assert describe(marks)[1] == "dev3: detected → not resumed"
+
+
+def test_a_replan_or_resume_without_a_failure_is_no_incident():
+    # a user's resume of a stopped run re-plans and resumes, but nothing was lost
+    assert recovery_timeline([ev(1, "replan"), ev(2, "resumed"), ev(3, "info")]) == []
