@@ -80,7 +80,9 @@ def test_dp_survivors_regroup_in_place_and_match_a_switched_run(tmp_path, sig):
     assert all(devs[n].steps == STEPS for n in ("dev0", "dev1", "dev3"))
     lost = next(e for e in state.events if e.kind == "lost")
     assert "dev2" in lost.message and lost.t - t0 <= DETECT_S, (lost, t0)
-    assert any(e.kind == "replan" and "3 devices" in e.message for e in state.events)
+    replan = next(e.message for e in state.events if e.kind == "replan")
+    # answered from the plan made at launch for "dev2 gone": latency and memory of the survivors
+    assert "3 devices" in replan and "planned at launch" in replan and "ms/sample" in replan, replan
     assert {r["world_size"] for r in regrouped} == {3} and len(regrouped) == 3
     # no optimizer step lost: the survivors continued from the step they had all reached
     assert regrouped[0]["step"] >= 3

@@ -6,6 +6,7 @@ settings + inventory -> :class:`JobConfig` (+ plan) -> :class:`Launcher` -> :cla
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -17,7 +18,7 @@ from app.planner.plan import plan_stages
 from app.planner.shape import UnknownModelError
 from app.run.checkpoints import Found
 from app.run.launcher import Launcher, new_run_id
-from app.run.planning import plan_for_run
+from app.run.planning import fallback_plans, plan_for_run
 from app.run.runstate import RunState
 from workers.config import JobConfig, RunSettings
 
@@ -79,5 +80,8 @@ def prepare_run(inv: Inventory, names: list[str] | None, settings: RunSettings,
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     state = RunState(job.run_id, [d.name for d in devices], config, run_dir=run_dir, plan=plan)
     known = KnownHosts(inv.known_hosts_file())
-    return Launcher(devices, job, known, state, stall_s=settings.stall_s, resume=resume,
-                    export=export), state
+    launcher = Launcher(devices, job, known, state, stall_s=settings.stall_s, resume=resume, export=export)
+    if plan is not None and len(devices) > 1:
+        # "one device gone", planned while the run starts so that a loss is answered at once
+        launcher.recovery.planner = partial(fallback_plans, inv, [d.name for d in devices], settings)
+    return launcher, state

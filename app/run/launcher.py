@@ -183,6 +183,7 @@ class Launcher:
             message names the device.  Failures during training end in an outcome instead.
         """
         outcome = "failed"
+        self.recovery.plan_ahead()
         try:
             await self._connect_all()
             if not self._stop.is_set():

@@ -6,7 +6,8 @@ and the GUI's preview all plan through here, so they agree.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
 
 from app.boards import host_cpus
 from app.devices.inventory import Device, Inventory
@@ -15,6 +16,7 @@ from app.planner.costmodel import DeviceSpec
 from app.planner.inputs import specs_for_devices
 from app.planner.links import Links
 from app.planner.plan import Plan, make_plan
+from app.planner.shape import UnknownModelError
 from workers.config import RunSettings
 
 
@@ -39,3 +41,73 @@ def plan_for_run(inventory: Inventory, names: Sequence[str] | None, settings: Ru
     devices = inventory.select(list(names) if names else None)
     specs, links = device_specs(devices, inventory.devices, use_cache=use_cache, gflops_per_thread=gflops_per_thread)
     return make_plan(settings.model, settings.parallelism, specs, links, settings, stages=settings.stages or None)
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """The plan for a run's devices less one: what losing ``lost`` switches to.
+
+    Computed for every device at launch (:func:`fallback_plans`), so a loss is answered
+    at once with the survivors' stages, shares, predicted latency and memory.
+    """
+
+    lost: str
+    devices: list[str]
+    plan: dict[str, Any] | None     # Plan.to_dict(); None when nothing can run on the survivors
+    reason: str = ""                # why there is no plan
+
+    @property
+    def oom(self) -> list[str]:
+        """Survivors predicted to run out of memory."""
+        return [p["name"] for p in (self.plan or {}).get("predictions", []) if p.get("oom")]
+
+    def describe(self, was: dict[str, Any] | None = None) -> str:
+        """What changes for the survivors, in one line (``was``: the run's own plan)."""
+        if self.plan is None:
+            return f"no plan for the {len(self.devices)} survivors: {self.reason}"
+        if not (self.plan.get("totals") or {}).get("feasible", True):
+            return f"no feasible plan for the {len(self.devices)} survivors: {self.plan.get('explanation')}"
+        parts = []
+        stages = self.plan.get("stages") or []
+        if stages:
+            parts.append("stages " + ", ".join(
+                f"{'+'.join(self.devices[r] for r in st['ranks'])} layers {st['layers'][0]}–{st['layers'][1]}"
+                for st in stages))
+        new = _latency(self.plan)
+        old = _latency(was)
+        if new is not None:
+            parts.append(f"predicted {old * 1e3:.2f} → {new * 1e3:.2f} ms/sample" if old is not None
+                         else f"predicted {new * 1e3:.2f} ms/sample")
+        if self.oom:
+            parts.append("predicted to run out of memory on " + ", ".join(self.oom))
+        else:
+            margins = [(p["margin"], p["name"]) for p in self.plan.get("predictions", [])
+                       if p.get("margin") is not None]
+            if margins:
+                m, name = min(margins)
+                parts.append(f"memory fits (tightest: {name}, {m:.0%} free)")
+        return "; ".join(parts)
+
+
+def _latency(plan: dict[str, Any] | None) -> float | None:
+    totals = (plan or {}).get("totals") or {}
+    return totals.get("median_latency_per_sample_s") or totals.get("latency_per_sample_s")
+
+
+def fallback_plans(inventory: Inventory, names: Sequence[str], settings: RunSettings,
+                   use_cache: bool = True) -> dict[str, Fallback]:
+    """For each device of a run, the plan of the others.
+
+    Tens of milliseconds each (64 DP devices: a few seconds in all), so the launcher
+    computes them on a thread while the run starts (:meth:`app.run.recovery.Recovery.plan_ahead`).
+    """
+    out = {}
+    base = replace(settings.settings(), stages=None)
+    for lost in names:
+        rest = [n for n in names if n != lost]
+        try:
+            plan = plan_for_run(inventory, rest, base, use_cache=use_cache).to_dict() if rest else None
+            out[lost] = Fallback(lost, rest, plan, "" if rest else "no device left")
+        except (UnknownModelError, ValueError, KeyError) as exc:
+            out[lost] = Fallback(lost, rest, None, str(exc))
+    return out

@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import asyncssh
 
 from app.devices.remote import kill_remote
+from app.run.planning import Fallback
 from workers.config import Parallelism
 
 if TYPE_CHECKING:
@@ -57,6 +58,18 @@ class Recovery:
         self.generation = 0
         self.lost: list[str] = []
         self._checking: set[int] = set()
+        #: computes the plan of the run less each device (:func:`app.run.planning.fallback_plans`)
+        self.planner: Callable[[], dict[str, Fallback]] | None = None
+        self.fallbacks: dict[str, Fallback] = {}
+        self._planning: asyncio.Future | None = None
+
+    def plan_ahead(self) -> None:
+        """Plan "one device gone" for every device, on a thread, while the run starts."""
+        if self.planner is not None and self._planning is None:
+            self._planning = asyncio.ensure_future(asyncio.to_thread(self.planner))
+            self._planning.add_done_callback(
+                lambda f: self.fallbacks.update(f.result()) if not f.cancelled() and f.exception() is None
+                else log.warning("no fallback plans: %s", f.exception() if not f.cancelled() else "cancelled"))
 
     def alive(self) -> list["_Worker"]:
         return [w for w in self.launcher.workers
@@ -81,10 +94,12 @@ class Recovery:
         state.add_event(name, "lost", f"device '{name}' lost ({why}); detected "
                                       f"{time.monotonic() - w.last_seen:.1f} s after its last word")
         share = self.launcher.job.batch_size / len(survivors)
+        fallback = self.fallbacks.get(name) if len(self.lost) == 1 else None
+        planned = f"; {fallback.describe(state.plan)} (planned at launch)" if fallback is not None else ""
         state.add_event(None, "replan", f"re-planned for {len(survivors)} devices "
                                         f"({', '.join(o.device.name for o in survivors)}): each replica now "
-                                        f"trains {share:.1f} of {self.launcher.job.batch_size} samples per step; "
-                                        f"generation {self.generation}")
+                                        f"trains {share:.1f} of {self.launcher.job.batch_size} samples per step"
+                                        f"{planned}; generation {self.generation}")
         self._send(survivors)
 
     def peer_lost(self, w: "_Worker", generation: int | None) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from app.devices.inventory import Inventory
 from app.run.jobs import prepare_run
 from app.run.launcher import Launcher
+from app.run.planning import Fallback
 from app.run.resume import ResumeError, bring_home, load_past_run, resumed_settings
 from app.run.runstate import RunState
 
@@ -61,6 +62,7 @@ async def run_supervised(launcher: Launcher, state: RunState, inv: Inventory, ru
                                            f"edgetrain resume {run.run_id} --devices ... --parallelism ...")
             state.save()
             break
+        msg += "; " + Fallback(lost[0], survivors, new_state.plan).describe(state.plan)
         for name in lost:
             state.set_status(name, "lost")
         state.add_event(None, "replan", msg)
