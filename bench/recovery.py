@@ -72,7 +72,11 @@ async def scenario(inv, runs: Path, s: RunSettings, mode: str, kill_at: int) -> 
         states.append(fresh)
         result = await launcher.run()
     outcome = result[0] if isinstance(result, tuple) else result
-    first = _first_step_after(states[-1:] if mode != "in place" else states, t_kill)
+    after = t_kill
+    if mode == "in place":  # a step in flight at the kill may still complete: count from the new group
+        regrouped = [r["t"] for r in _records(state) if r.get("name") == "regrouped" and r["t"] > t_kill]
+        after = min(regrouped) if regrouped else t_kill
+    first = _first_step_after(states[-1:] if mode != "in place" else states, after)
     if first is None:
         return {"outcome": outcome, "seconds": None, "lost": None}
     return {"outcome": outcome, "seconds": first[0] - t_kill, "lost": max(0, reached - first[1])}

@@ -104,6 +104,20 @@ class RunSettings:
     eval_every
         Held-out evaluation (loss, accuracy) every this many steps and at the end;
         0: at the end only.
+    optimizer
+        ``adamw`` (two moments per parameter), ``sgd`` (SGD with momentum 0.9: one
+        buffer) or ``adafactor`` (factored second moment: far less state).
+    activation_checkpointing
+        Recompute each transformer block's activations in the backward pass instead of
+        keeping them (less memory, about a third more compute).
+    grad_accumulation
+        DP: each replica runs its slice of the batch in this many micro-batches,
+        accumulating gradients (the step is unchanged; peak activations shrink).
+    dp_shares
+        DP: each rank's share of the global batch, in rank order (they are normalised);
+        ``None``: equal shares.  The planner picks shares proportional to device speed.
+    precision
+        ``fp32``, or ``bf16`` autocast where the device supports it.
     """
 
     model: str = "tiny-gpt2"
@@ -127,6 +141,11 @@ class RunSettings:
     checkpoint_minutes: float = 10.0
     keep_checkpoints: int = 2
     eval_every: int = 25
+    optimizer: str = "adamw"
+    activation_checkpointing: bool = False
+    grad_accumulation: int = 1
+    dp_shares: list[float] | None = None
+    precision: str = "fp32"
 
     def __setattr__(self, name: str, value: Any) -> None:
         # the enums hold on every assignment, not only at construction ("pp" -> Parallelism.PP)

@@ -25,7 +25,7 @@ from .checkpoint_manifest import step_dirname
 from .data import global_batch
 from .evaluate import evaluate
 from .lifeline import EXIT_ORPHANED, EXIT_STOPPED
-from .membership import Membership, Regroups, generation_group, sync_state
+from .membership import Links, Membership, Regroups, generation_group, sync_state
 from .memory import is_oom_error, rss_bytes
 
 #: Seconds a worker whose collective failed waits for the controller's ``regroup``.
@@ -40,6 +40,7 @@ class RunFlags:
         self.lapsed = threading.Event()
         self.stop = threading.Event()
         self.regroups = Regroups()
+        self.links = Links()
         self.reason = ""
 
     def lost(self, reason: str) -> None:
@@ -58,7 +59,11 @@ class RunFlags:
             self.reason = "the controller asked to stop"
             self.stop.set()
         else:
-            self.regroups.offer(command)
+            m = self.regroups.offer(command)
+            if m is not None:
+                # release this rank if it waits in a collective of the generation being
+                # replaced (and, through it, the peers that wait on it): see Links
+                self.links.sever(below=m.generation)
 
 
 def _save_failure(ckpt: Checkpointer, step: int, exc: BaseException) -> str:
@@ -198,6 +203,8 @@ class TrainingLoop:
         if is_oom_error(exc) or not hasattr(self.trainer, "regroup") or self.cfg.lifeline_s <= 0:
             return False
         t0 = time.perf_counter()
+        # peers that wait on this rank in the failed generation learn of it now, not at their bound
+        self.flags.links.sever(below=self.generation + 1)
         text = str(exc).strip().splitlines()
         self.emitter.emit("event", name="peer_lost", step=self.clean, generation=self.generation,
                           message=f"a collective failed ({type(exc).__name__}: {text[0][:160] if text else ''}); "
@@ -224,6 +231,7 @@ class TrainingLoop:
         store = dist.distributed_c10d._get_default_store()
         bound = (cfg.collective_timeout_s or cfg.timeout_s) if self.regroupable else cfg.timeout_s
         join = max(cfg.timeout_s, 2 * bound)
+        before = self.flags.links.snapshot()
         control_pg = generation_group(store, m, self.rank, bound, tag="c", join_timeout_s=join)
         ckpt_pg = generation_group(store, m, self.rank, cfg.timeout_s, tag="k", join_timeout_s=join)
         devices, addrs = list(cfg.devices), list(cfg.addrs)
@@ -235,6 +243,7 @@ class TrainingLoop:
             if m.generation > 0:  # a peer lost mid-all-reduce may leave survivors a step apart
                 self.clean = sync_state(list(state_dict(self.trainer).values()), self.clean, control_pg)
             self.trainer.regroup(generation_group(store, m, self.rank, bound, join_timeout_s=join), new_rank, m.size)
+        self.flags.links.record(m.generation, before)
         self.control.group, self.ckpt.group = control_pg, ckpt_pg
         self.ckpt.rank = self.control.rank = new_rank
         self.generation = m.generation

@@ -15,6 +15,8 @@ each survivor's stdin (:mod:`workers.lifeline` hands the line here).
 from __future__ import annotations
 
 import datetime
+import os
+import socket
 import threading
 from dataclasses import dataclass
 
@@ -86,6 +88,78 @@ def generation_group(store, m: Membership, original_rank: int, timeout_s: float,
     return pg
 
 
+def _sockets() -> dict[int, str]:
+    """This process's socket descriptors: fd -> ``socket:[inode]`` (Linux ``/proc``)."""
+    out = {}
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return out
+    for name in names:
+        try:
+            link = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if link.startswith("socket:"):
+            out[int(name)] = link
+    return out
+
+
+class Links:
+    """The TCP connections each generation's groups opened, so an abandoned generation can
+    be cut.
+
+    Why: gloo in torch 2.13 cannot abort a collective (``abort()`` and ``shutdown()`` are
+    no-ops for it), so a survivor waiting on a peer that has itself given up would wait
+    out the whole collective bound.  Shutting down the abandoned group's open connections
+    makes every pending read on them fail at once ("connection closed by peer"); each
+    survivor that fails cuts its own in turn, so the release cascades in milliseconds.
+    The group object itself is kept (never destroyed, see above), and only connections
+    are shut: shutting gloo's listening socket would abort the process.  Each entry keeps
+    the socket's inode, so a descriptor number reused by a newer group is never cut.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_generation: dict[int, dict[int, str]] = {}
+
+    @staticmethod
+    def snapshot() -> dict[int, str]:
+        return _sockets()
+
+    def record(self, generation: int, before: dict[int, str]) -> int:
+        """Sockets opened since ``before`` belong to ``generation``; returns how many."""
+        new = {fd: link for fd, link in _sockets().items() if before.get(fd) != link}
+        with self._lock:
+            self._by_generation.setdefault(generation, {}).update(new)
+        return len(new)
+
+    def sever(self, below: int) -> int:
+        """Shut down the open connections of every generation older than ``below``;
+        returns how many were cut."""
+        with self._lock:
+            old = [g for g in self._by_generation if g < below]
+            entries = [e for g in old for e in self._by_generation.pop(g).items()]
+        cut = 0
+        for fd, link in entries:
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}") != link:
+                    continue  # closed, and the number reused
+                s = socket.socket(fileno=os.dup(fd))
+            except OSError:
+                continue
+            try:
+                if s.family in (socket.AF_INET, socket.AF_INET6) and s.type == socket.SOCK_STREAM \
+                        and not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    s.shutdown(socket.SHUT_RDWR)
+                    cut += 1
+            except OSError:
+                pass  # already shut or reset by the peer
+            finally:
+                s.close()  # the duplicate only: gloo still owns ``fd``
+        return cut
+
+
 class Regroups:
     """The controller's ``regroup`` commands, waited for by the training thread."""
 
@@ -93,16 +167,16 @@ class Regroups:
         self._cond = threading.Condition()
         self._latest: Membership | None = None
 
-    def offer(self, command: str) -> bool:
-        """Take a command line; returns whether it was a regroup."""
+    def offer(self, command: str) -> Membership | None:
+        """Take a command line; returns the membership if it was a regroup."""
         m = parse_regroup(command)
         if m is None:
-            return False
+            return None
         with self._cond:
             if self._latest is None or m.generation > self._latest.generation:
                 self._latest = m
             self._cond.notify_all()
-        return True
+        return m
 
     def wait(self, after: int, timeout_s: float) -> Membership | None:
         """The first membership of a generation above ``after``, or None after ``timeout_s``."""
