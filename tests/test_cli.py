@@ -96,7 +96,9 @@ def test_testbed_up_status_down(tmp_path):
         status = edgetrain(home, "testbed", "status", "--dir", d)
         assert status.returncode == 0, status.stdout + status.stderr
         for name, hostport in devices:
-            assert re.search(rf"^\s+{name}\s+{re.escape(hostport)}\s+reachable$", status.stdout, re.MULTILINE), status.stdout
+            # and says what enforces the memory cap (physical as root, else address space)
+            assert re.search(rf"^\s+{name}\s+{re.escape(hostport)}\s+reachable\s+limits: memory "
+                             rf"(cgroup|address-space)$", status.stdout, re.MULTILINE), status.stdout
 
         # a second `up` in the same directory is refused and leaves the first one running
         again = _up(home, d, 2)

@@ -42,6 +42,8 @@ ALLOWED: dict[str, set[str]] = {
 #: function is a defect: it hides a dependency (often a cycle) from readers and tools.
 LAZY_OK = {
     ("app.cli.gui", "app.qt.qt_app"): "PySide6 is the optional [gui] extra; other commands start without it",
+    ("app.cli.sweep", "app.qt.qt_figure"): "the sweep figure's PNG needs PySide6 (the optional [gui] extra); "
+                                           "without it the sweep writes the SVG only",
 }
 #: Parts whose lazy imports of their own modules are by design (workers import torch-heavy
 #: modules phase by phase, so an out-of-memory at load is attributed to its phase, and the

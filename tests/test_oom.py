@@ -25,8 +25,10 @@ pytestmark = pytest.mark.slow
 ])
 def test_oom_is_reported_with_device_and_phase(tmp_path, settings, phase):
     async def main():
+        # the address-space fallback (no root): a catchable allocation failure with its phase;
+        # tests/test_cgroup_boards.py has the physical cap and the kernel's OOM kill
         async with Testbed(tmp_path / "tb", n_devices=2, port=0, base_addr=base_addr(),
-                           mem_overrides={"dev1": "1.5G"}) as tb:
+                           mem_overrides={"dev1": "1.5G"}, cgroups=False) as tb:
             inv = load_inventory(tb.inventory_path)
             launcher, state = prepare_run(inv, None, settings, tmp_path / "runs")
             t0 = time.monotonic()

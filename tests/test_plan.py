@@ -110,6 +110,8 @@ def test_plan_json_round_trip_and_job_fields():
                 "latency_per_sample_s", "energy_per_sample_j", "energy_method"):
         assert key in pred
     assert set(pred["mem_bytes"]) == set(cm.PHASES)
+    assert data["dp_shares"] is None and data["suggestion"] is None
+    assert data["settings"]["optimizer"] == "adamw" and data["settings"]["grad_accumulation"] == 1
     again = Plan.from_dict(data)
     assert again.to_dict() == data
     fields = plan.to_job_fields()
@@ -245,6 +247,7 @@ def test_cli_plan_prints_memory_latency_energy_and_oom(inventory, capsys):
     rc = main(["plan", "--inventory", str(inventory), "--model", "gpt2-l", "--devices", "nano0,nano1"])
     out = capsys.readouterr().out
     assert rc == 1 and "OOM load" in out
+    assert "no fit: DP does not fit with any of" in out  # the knobs were searched
 
 
 def test_cli_compare_and_json(inventory, capsys, tmp_path):
@@ -255,6 +258,7 @@ def test_cli_compare_and_json(inventory, capsys, tmp_path):
     assert rc == 0, err
     assert "recommendation:" in out and "ranking by energy" in out
     assert "no profile for box" in out
+    assert "as is" in out  # every parallelism fits without knobs
     for p in PARALLELISMS:
         assert p.upper() in out
     dest = tmp_path / "plan.json"

@@ -57,7 +57,7 @@ def _run_sweep(tmp):
 
     async def main():
         async with Testbed(tmp / "tb", n_devices=3, port=0, base_addr=base_addr(),
-                           mem_overrides={CAPPED: CAP}) as tb:
+                           mem_overrides={CAPPED: CAP}, cgroups=False) as tb:  # RLIMIT_AS: what it measures
             inv = load_inventory(tb.inventory_path)
             capped = [d for d in inv.devices if d.name == CAPPED]
             # a real measurement of the capped device (its RLIMIT_AS), into $EDGETRAIN_HOME/profiles

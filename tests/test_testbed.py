@@ -166,22 +166,26 @@ def test_each_device_has_its_own_address_and_emulation(
         assert inv["version"] == 1 and inv["known_hosts"] == "known_hosts"
         assert [(d["name"], d["host"], d["port"], d["key"]) for d in inv["devices"]] == [
             (d.name, d.host, d.port, "client_key") for d in tb.devices]
-        assert inv["devices"][2]["labels"] == {"preset": "jetson-tx2", "testbed": "local"}
+        labels = inv["devices"][2]["labels"]
+        assert {k: labels[k] for k in ("preset", "testbed")} == {"preset": "jetson-tx2", "testbed": "local"}
+        # what the cap means travels with the device: the planner compares RSS or virtual size
+        assert labels["mem_cap"] == tb.devices[2].mem_cap in ("cgroup", "address-space")
 
     with_testbed(body, n_devices=None, device_presets=["jetson-nano", "jetson-nano",
                                                        "jetson-tx2"])
 
 
 def test_memory_cap_makes_big_allocations_fail(with_testbed: Callable[..., None]) -> None:
+    """Without root (forced here): an address-space cap, a catchable allocation failure."""
     async def body(tb: Testbed) -> None:
-        assert tb.devices[0].mem_bytes == 1024**3
+        assert tb.devices[0].mem_bytes == 1024**3 and tb.devices[0].mem_cap == "address-space"
         async with _connect(tb, tb.devices[0]) as conn:
             big = await conn.run(f"{sys.executable} -c 'bytearray(2*1024**3)'")
             small = await conn.run(f"{sys.executable} -c 'bytearray(200*1024**2)'")
         assert big.exit_status == 1 and "MemoryError" in big.stderr
         assert small.exit_status == 0
 
-    with_testbed(body, n_devices=1, mem_overrides={"dev0": "1G"})
+    with_testbed(body, n_devices=1, mem_overrides={"dev0": "1G"}, cgroups=False)
 
 
 def test_taken_address_names_it_and_the_fix(tmp_path: Path) -> None:

@@ -194,9 +194,15 @@ class Checkpointer:
                     continue
                 size = tuple(getattr(meta, "size", ()))
                 dtype = meta.properties.dtype
-                # scalars (AdamW's step) are plain tensors; the moments follow the parameter
-                # (a DTensor shard under TP)
-                value = torch.zeros(size, dtype=dtype) if not size else torch.zeros_like(p, dtype=dtype)
+                # a state shaped like its parameter (AdamW's moments, SGD's momentum) follows
+                # the parameter's layout (a DTensor shard under TP); any other shape (AdamW's
+                # scalar step, Adafactor's row and column factors) is a plain tensor
+                if size == tuple(p.shape):
+                    value = torch.zeros_like(p, dtype=dtype)
+                elif not size:
+                    value = torch.zeros(size, dtype=dtype)  # optimizers keep step counts on the CPU
+                else:
+                    value = torch.zeros(size, dtype=dtype, device=p.device)
                 state[skey[len(prefix):]] = value
                 wanted[skey] = value
             if state:

@@ -56,6 +56,8 @@ class Schedule(str, Enum):
 PARALLELISMS: tuple[str, ...] = tuple(p.value for p in Parallelism)
 SCHEDULES: tuple[str, ...] = tuple(s.value for s in Schedule)
 DEVICE_KINDS = ("cpu", "cuda")
+OPTIMIZERS = ("adamw", "sgd", "adafactor")
+PRECISIONS = ("fp32", "bf16")
 
 
 def _enum(kind: type[Enum], value: Any, what: str) -> Any:
@@ -154,6 +156,56 @@ class RunSettings:
         elif name == "schedule":
             value = _enum(Schedule, value, "schedule")
         super().__setattr__(name, value)
+
+    def check_knobs(self, world_size: int | None = None) -> None:
+        """Check the memory knobs (optimizer, checkpointing, accumulation, shares, precision).
+
+        Parameters
+        ----------
+        world_size
+            The run's ranks, when known: DP's ``dp_shares`` needs one share per rank, and
+            every rank at least one row of ``batch_size`` (:func:`share_bounds`).
+            ``dp_shares`` and ``grad_accumulation`` only act on DP; other parallelisms
+            ignore them (the GUI keeps a planner's shares when the parallelism changes).
+
+        Raises
+        ------
+        ValueError
+            Naming the setting and the fix.
+        """
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}. "
+                             "Fix: pick one (--optimizer)")
+        if self.optimizer == "adafactor" and self.parallelism is Parallelism.TP:
+            # its factors are row/column means of whole matrices and its step size the
+            # whole tensor's RMS: a column or row shard holds neither (torch refuses too)
+            raise ValueError("optimizer 'adafactor' does not work with tensor parallelism (its factored "
+                             "moments need whole matrices). Fix: use adamw or sgd with tp, or another "
+                             "parallelism")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}. "
+                             "Fix: pick one (--precision)")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ValueError(f"activation_checkpointing must be true or false, not "
+                             f"{self.activation_checkpointing!r}")
+        g = self.grad_accumulation
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ValueError(f"grad_accumulation must be a whole number >= 1, not {g!r}. "
+                             "Fix: 1 runs each replica's slice at once (--grad-accumulation)")
+        if self.dp_shares is None:
+            return
+        shares = self.dp_shares
+        if (not isinstance(shares, (list, tuple)) or not shares
+                or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in shares)
+                or not all(0 < x < float("inf") for x in shares)):
+            raise ValueError(f"dp_shares must be positive numbers, one per rank, not {shares!r}. "
+                             "Fix: e.g. --dp-shares 0.4,0.3,0.3, or leave it unset for equal shares")
+        if world_size is None or self.parallelism is not Parallelism.DP:
+            return
+        if len(shares) != world_size:
+            raise ValueError(f"dp_shares has {len(shares)} entries for {world_size} ranks. "
+                             "Fix: give one share per device in rank order, or leave it unset")
+        share_bounds(self.batch_size, shares)
 
     def resolved_lr(self) -> float:
         """The learning rate to train with: 1e-3 for tiny presets, 5e-5 (fine-tuning) otherwise."""
@@ -262,6 +314,7 @@ class JobConfig(RunSettings):
             raise ValueError("addrs and devices need one entry per rank")
         if self.batch_size < 1 or self.seq_len < 1 or self.steps < 0 or self.sync_every < 1:
             raise ValueError("batch_size, seq_len and sync_every must be positive, steps non-negative")
+        self.check_knobs(self.world_size)
         if self.parallelism.pipelined:
             ranks = sorted(r for s in self.stages for r in s["ranks"])
             if ranks != list(range(self.world_size)):
@@ -286,3 +339,28 @@ def even_stages(n_blocks: int, n_stages: int, replicas: int = 1) -> list[dict]:
         stages.append({"ranks": list(range(s * replicas, (s + 1) * replicas)), "layers": [start, end]})
         start = end
     return stages
+
+
+def share_bounds(n: int, shares: list[float]) -> list[int]:
+    """Where each rank's rows of a batch of ``n`` start and end, from its share.
+
+    Rank ``r`` takes rows ``[bounds[r], bounds[r + 1])`` with ``bounds[r] =
+    floor(cum_r * n)``, ``cum_r`` the normalised shares of the ranks before ``r``
+    (``bounds[-1]`` is ``n`` exactly).
+
+    Raises
+    ------
+    ValueError
+        A rank would get no row (naming it, its share and the batch size).
+    """
+    total = float(sum(shares))
+    bounds, cum = [0], 0.0
+    for x in shares[:-1]:
+        cum += x
+        bounds.append(min(n, int(cum / total * n)))  # int() floors the non-negative value
+    bounds.append(n)
+    for r in range(len(shares)):
+        if bounds[r + 1] <= bounds[r]:
+            raise ValueError(f"dp_shares gives rank {r} (share {shares[r] / total:.3g}) no row of the "
+                             f"batch of {n}. Fix: raise its share or batch_size, or leave dp_shares unset")
+    return bounds

@@ -7,6 +7,7 @@ works on.  This is what makes every parallelism comparable with one-device train
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -14,7 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .config import JobConfig
+from .config import JobConfig, share_bounds
 from .data import IGNORE_LABEL
 
 
@@ -96,9 +97,44 @@ class Trainer:
 
 
 def make_optimizer(params, cfg: JobConfig) -> torch.optim.Optimizer:
-    # AdamW without weight decay on every parallelism, so a shard's update equals the
-    # matching slice of the single-device update (element-wise optimizer).
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    """The optimizer ``cfg.optimizer`` names, at ``cfg.lr``, without weight decay.
+
+    Parameters
+    ----------
+    params
+        Parameters or parameter groups (TP passes sharded and replicated groups).
+    cfg
+        ``optimizer``: ``adamw`` (two moments per parameter), ``sgd`` (momentum 0.9: one
+        buffer) or ``adafactor`` (factored second moment: a row and a column per matrix).
+
+    Returns
+    -------
+    torch.optim.Optimizer
+    """
+    # No weight decay anywhere, so a shard's update equals the matching slice of the
+    # single-device update for the element-wise optimizers (AdamW, SGD).
+    name = cfg.optimizer
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=0.0)
+    if name == "adafactor":
+        # torch's Adafactor scales each step by the parameter's RMS (relative step size);
+        # lr caps that relative step (rho_t = min(lr, 1/sqrt(t)), Shazeer & Stern 2018).
+        return torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=0.0)
+    raise ValueError(f"optimizer {name!r} is not one of adamw, sgd, adafactor")
+
+
+def autocast(cfg: JobConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward's precision context: bf16 autocast when ``cfg.precision`` asks for it.
+
+    Parameters and optimizer state stay fp32 (autocast casts per operation, and the
+    gradients of fp32 leaves come back fp32).  On a CUDA device without bf16 torch itself
+    warns and runs fp32; on a CPU without native bf16 it is correct, only slower.
+    """
+    if cfg.precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -116,8 +152,27 @@ def eval_counts(logits: torch.Tensor, labels: torch.Tensor) -> EvalCounts:
     return EvalCounts(float(loss), int(correct.sum()), int(mask.sum()))
 
 
-def rank_slice(n: int, rank: int, world: int) -> slice:
-    """Contiguous, near-equal split of ``n`` items: rank's part."""
+def rank_slice(n: int, rank: int, world: int, shares: list[float] | None = None) -> slice:
+    """Rank's contiguous part of ``n`` items: near-equal, or by ``shares``.
+
+    Parameters
+    ----------
+    n, rank, world
+        Items to split, this rank, the number of ranks.
+    shares
+        Each rank's share (normalised; :func:`workers.config.share_bounds`); ``None``:
+        near-equal parts, the first ``n % world`` ranks one item more.
+
+    Raises
+    ------
+    ValueError
+        ``shares`` does not have ``world`` entries, or leaves a rank no item.
+    """
+    if shares is not None:
+        if len(shares) != world:
+            raise ValueError(f"dp_shares has {len(shares)} entries for {world} ranks")
+        bounds = share_bounds(n, shares)
+        return slice(bounds[rank], bounds[rank + 1])
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (1 if rank < extra else 0))
@@ -137,4 +192,8 @@ def model_parts(cfg: JobConfig, rank: int):
 def build(cfg: JobConfig, rank: int, model, device: torch.device) -> Trainer:
     """Instantiate the trainer of ``cfg.parallelism`` for this rank."""
     module = importlib.import_module(f"workers.parallel.{cfg.parallelism}")
+    if cfg.activation_checkpointing:
+        # every parallelism that calls the blocks as modules recomputes them in backward;
+        # sp runs the layers itself and checks the setting there
+        model.set_activation_checkpointing(True)
     return module.build(cfg, rank, model, device)

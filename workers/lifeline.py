@@ -20,6 +20,8 @@ import threading
 import time
 from typing import Callable
 
+#: Exit statuses of a worker: done, failed, out of memory (it caught the allocation failure).
+EXIT_OK, EXIT_ERROR, EXIT_OOM = 0, 1, 3
 #: Exit status of a worker that ended itself because its controller went away.
 EXIT_ORPHANED = 5
 #: Exit status of a worker that wrote a checkpoint and ended because its controller asked.

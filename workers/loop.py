@@ -42,6 +42,8 @@ class RunFlags:
         self.regroups = Regroups()
         self.links = Links()
         self.reason = ""
+        self.phase = "import"   # the worker's phase before its trainer exists (then the trainer's)
+        self.trainer = None
 
     def lost(self, reason: str) -> None:
         """The controller is gone: checkpoint at the next step boundary, but end within
@@ -53,6 +55,12 @@ class RunFlags:
                                       f"{lifeline.EMERGENCY_GRACE_S:.0f} s",))
         timer.daemon = True
         timer.start()
+
+    def current_phase(self) -> str:
+        """What the worker is doing now (heartbeats carry it: a kernel OOM kill leaves no
+        word of its own, so the controller attributes it to the last phase heard)."""
+        trainer = self.trainer
+        return str(getattr(trainer, "phase", None) or self.phase)
 
     def command(self, command: str) -> None:
         if command == "stop":

@@ -190,7 +190,45 @@ def memory_limit_bytes(root: str = "/") -> tuple[int | None, str]:
         found.append((env, f"env:{ENV_MEM}"))
     if not found:
         return None, "none"
-    return min(found)
+    # on a tie the enforced limit names the kind (the testbed declares what it enforces)
+    return min(found, key=lambda f: (f[0], f[1].startswith("env:")))
+
+
+def memory_cgroup(root: str = "/") -> tuple[str, str] | None:
+    """``(version, directory)`` of the memory cgroup whose limit binds this process (the
+    leaf, where the kernel counts its OOM kills), or None when no cgroup limits it."""
+    best = None
+    for version, leaf, top in _cgroup_dirs(root):
+        limit = _cgroup_limit(version, leaf, top)
+        if limit is not None and (best is None or limit < best[0]):
+            best = (limit, version, leaf)
+    return None if best is None else (best[1], best[2])
+
+
+def oom_kill_count(version: str, directory: str) -> int | None:
+    """The kernel's count of OOM kills in a memory cgroup (v1 ``memory.oom_control``,
+    v2 ``memory.events``), or None when the kernel does not say."""
+    name = "memory.oom_control" if version == "cgroup1" else "memory.events"
+    try:
+        with open(os.path.join(directory, name)) as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def limit_kind(source: str) -> str:
+    """What a limit from :func:`memory_limit_bytes` caps: ``cgroup`` (physical memory,
+    as on a real board), ``address-space`` (``RLIMIT_AS``: virtual size), ``declared``
+    (the testbed's figure, enforced by neither) or ``none``."""
+    if source.startswith("cgroup"):
+        return "cgroup"
+    if source == "rlimit_as":
+        return "address-space"
+    return "none" if source == "none" else "declared"
 
 
 def release_freed_memory() -> None:

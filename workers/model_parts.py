@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import (
     DistilBertForSequenceClassification,
     GPT2ForSequenceClassification,
@@ -87,12 +88,23 @@ class Block(nn.Module):
     own ``is_causal`` attribute, and the eager path ignores causality entirely.
     """
 
+    #: Recompute this block's activations in the backward pass instead of keeping them
+    #: (``RunSettings.activation_checkpointing``).  Exact: the models draw no random numbers.
+    checkpointing: bool = False
+
     def __init__(self, inner: nn.Module, causal: bool) -> None:
         super().__init__()
         self.inner = inner
         self.causal = causal
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            # non-reentrant: works under DDP, DTensor hooks and pipeline stages, and
+            # restores the autocast state when it recomputes
+            return checkpoint(self._forward, hidden, use_reentrant=False)
+        return self._forward(hidden)
+
+    def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # Keywords only: the layers disagree on positional order (GPT2Block's second
         # argument is past_key_values, OPTDecoderLayer's is attention_mask).
         out = self.inner(hidden, attention_mask=None, is_causal=self.causal)

@@ -226,6 +226,11 @@ class StagedModel(nn.Module):
             return self.head
         return self.blocks[part]
 
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """Recompute every block's activations in backward (``on``) or keep them."""
+        for block in self.blocks:
+            block.checkpointing = on
+
     @property
     def pool_position(self) -> int:
         """Position the head pools (see :func:`pool_position`)."""

@@ -18,8 +18,7 @@ import time
 import traceback
 
 from . import lifeline
-
-EXIT_OK, EXIT_ERROR, EXIT_OOM = 0, 1, 3
+from .lifeline import EXIT_ERROR, EXIT_OK, EXIT_OOM
 
 
 def _param_digest(state: dict) -> str:
@@ -120,13 +119,13 @@ def run(cfg, rank: int, emitter, run_flags=None) -> int:
         if threads > 0:
             torch.set_num_threads(threads)
         torch.manual_seed(cfg.seed)
-        phase = "rendezvous"
+        phase = run_flags.phase = "rendezvous"
         device = edist.init(rank, cfg.world_size, cfg.master_addr, cfg.master_port, cfg.addrs[rank],
                             device=cfg.device, timeout_s=cfg.timeout_s)
         if cfg.device == "cuda":
             _cap_cuda_memory(torch, device)
         emitter.emit("event", name="joined", message=f"joined process group as rank {rank}/{cfg.world_size}")
-        phase = "load"
+        phase = run_flags.phase = "load"
         for field in ("dataset", "weights", "tokenizer"):  # pushed assets live under ~
             if getattr(cfg, field):
                 setattr(cfg, field, os.path.expanduser(getattr(cfg, field)))
@@ -135,7 +134,7 @@ def run(cfg, rank: int, emitter, run_flags=None) -> int:
         data, _vocab = load_dataset(cfg.dataset, model.family, model.preset.vocab_size, cfg.seq_len,
                                     cfg.seed, tokenizer_dir=cfg.tokenizer)
         data, eval_data = split_eval(data, cfg.seed)  # held out: never trained on
-        trainer = engine.build(cfg, rank, model, device)
+        trainer = run_flags.trainer = engine.build(cfg, rank, model, device)
         tracker.sample()
         meter = select_meter(cfg.device, cuda_index=device.index or 0,
                              p_idle_w=cfg.power.get("p_idle_w") or _env_float("EDGETRAIN_EMU_P_IDLE_W"),
@@ -195,16 +194,23 @@ def main(argv: list[str] | None = None) -> int:
     cfg = JobConfig.from_b64(args.config_b64)
     emitter = Emitter(cfg.run_id, args.rank, cfg.devices[args.rank])
     cfg.validate()
+    from .memory import limit_kind, memory_cgroup, memory_limit_bytes, oom_kill_count, rss_bytes
+    limit, source = memory_limit_bytes()
+    cgroup = memory_cgroup()
+    # the controller tells a kernel OOM kill (SIGKILL, no word from us) by this counter rising
+    mem = {"mem_limit_bytes": limit, "mem_limit_kind": limit_kind(source)}
+    if cgroup is not None:
+        mem.update(mem_cgroup=f"{cgroup[0]}:{cgroup[1]}", oom_kills=oom_kill_count(*cgroup))
     emitter.emit("hello", world_size=cfg.world_size, parallelism=cfg.parallelism, model=cfg.model,
                  pid=os.getpid(), host=socket.gethostname(), addr=cfg.addrs[args.rank],
-                 python=sys.version.split()[0])
+                 python=sys.version.split()[0], **mem)
     from .loop import RunFlags  # torch: after the hello line
 
     flags = RunFlags()
     if cfg.lifeline_s > 0:
         # every heartbeat is answered: the controller tells a frozen worker by its silence
         lifeline.watch(cfg.lifeline_s, on_lost=flags.lost, on_command=flags.command,
-                       on_beat=lambda: emitter.emit("beat"))
+                       on_beat=lambda: emitter.emit("beat", phase=flags.current_phase(), rss_bytes=rss_bytes()))
     code = EXIT_ERROR
     try:
         code = run(cfg, args.rank, emitter, flags)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from app.devices.inventory import Inventory, load_inventory
 from app.paths import default_runs_dir, edgetrain_home
-from workers.config import DEVICE_KINDS, PARALLELISMS, SCHEDULES, RunSettings
+from workers.config import DEVICE_KINDS, OPTIMIZERS, PARALLELISMS, PRECISIONS, SCHEDULES, RunSettings
 
 
 def add_device_flags(p: argparse.ArgumentParser) -> None:
@@ -64,17 +64,54 @@ def add_settings_flags(p: argparse.ArgumentParser, steps: int | None = None) -> 
                    help="complete checkpoints kept on each device")
     p.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="held-out evaluation every N steps (0: at the end only)")
+    p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS,
+                   help="adamw (two moments per parameter), sgd (momentum: one) or adafactor (factored)")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+                   default=d.activation_checkpointing,
+                   help="recompute each block's activations in backward (less memory, ~1/3 more compute)")
+    p.add_argument("--grad-accumulation", type=int, default=d.grad_accumulation,
+                   help="DP: run each replica's slice in this many micro-batches")
+    p.add_argument("--dp-shares", type=_shares, default=d.dp_shares, metavar="S0,S1,...",
+                   help="DP: each device's share of the batch in rank order, e.g. 0.4,0.3,0.3 "
+                        "(normalised; default: equal)")
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
+                   help="bf16: autocast the forward where the device supports it")
     p.add_argument("--runs-dir", help="where run records go (default: $EDGETRAIN_HOME/runs)")
 
 
+def _shares(text: str) -> list[float]:
+    """``0.4,0.3,0.3`` as a list of positive numbers (argparse names the flag on error)."""
+    try:
+        shares = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers "
+                                         "(e.g. 0.4,0.3,0.3)") from None
+    if not shares or any(not 0 < x < float("inf") for x in shares):
+        raise argparse.ArgumentTypeError(f"{text!r}: every share must be a positive number (e.g. 0.4,0.3,0.3)")
+    return shares
+
+
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
-    return RunSettings(model=args.model, parallelism=args.parallelism, steps=args.steps,
+    """The settings the flags describe.
+
+    Raises
+    ------
+    ValueError
+        A memory knob that cannot work whatever the devices (``--grad-accumulation 0``);
+        the share count is checked against the devices when the run is launched.
+    """
+    s = RunSettings(model=args.model, parallelism=args.parallelism, steps=args.steps,
                        batch_size=args.batch_size, seq_len=args.seq_len, micro_batches=args.micro_batches,
                        sync_every=args.sync_every, lr=args.lr, seed=args.seed, schedule=args.schedule,
                        dataset=args.dataset, weights=args.weights, tokenizer=args.tokenizer,
                        device=args.device, timeout_s=args.timeout, checkpoint_every=args.checkpoint_every,
                        checkpoint_minutes=args.checkpoint_minutes, keep_checkpoints=args.keep_checkpoints,
-                       eval_every=args.eval_every)
+                       eval_every=args.eval_every, optimizer=args.optimizer,
+                       activation_checkpointing=args.activation_checkpointing,
+                       grad_accumulation=args.grad_accumulation, dp_shares=args.dp_shares,
+                       precision=args.precision)
+    s.check_knobs()
+    return s
 
 
 def runs_dir_from_args(args: argparse.Namespace) -> Path | None:

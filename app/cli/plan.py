@@ -2,7 +2,11 @@
 
     edgetrain plan --model gpt2-s --parallelism pp            # the running testbed's devices
     edgetrain plan --inventory inv.yaml --devices a,b --compare --objective energy
-    edgetrain plan ... --json                                  # the plan JSON (version 1)
+    edgetrain plan ... --json                                  # the plan JSON (version 2)
+
+A plan predicted to run out of memory also says which knobs (1F1B and micro-batches,
+gradient accumulation, activation checkpointing, another optimizer) would make it fit;
+``--compare`` says it per parallelism.
 """
 from __future__ import annotations
 
@@ -27,13 +31,37 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1e3:.3f} ms"
 
 
+def _knobs_text(st: dict) -> str:
+    """The memory knobs that differ from the defaults, for the header line."""
+    parts = []
+    if st.get("optimizer", "adamw") != "adamw":
+        parts.append(str(st["optimizer"]))
+    if st.get("activation_checkpointing"):
+        parts.append("activation checkpointing")
+    if (st.get("grad_accumulation") or 1) > 1:
+        parts.append(f"grad accumulation {st['grad_accumulation']}")
+    if st.get("precision", "fp32") != "fp32":
+        parts.append(str(st["precision"]))
+    return "".join(f", {p}" for p in parts)
+
+
+def _fit_text(plan: Plan) -> str:
+    """``as is``, ``with knobs`` or ``no`` (no knob makes it fit)."""
+    if plan.feasible and not plan.oom:
+        return "as is"
+    return "with knobs" if (plan.suggestion or {}).get("fits") else "no"
+
+
 def print_plan(plan: Plan, out: TextIO | None = None) -> None:
     """Per-device memory per phase, OOM flags, time and energy; then the totals."""
     out = out or sys.stdout
     st = plan.settings
     print(f"plan: {plan.model} {plan.parallelism.upper()} on {', '.join(plan.devices)}  (batch {st['batch_size']}, "
           f"seq {st['seq_len']}, {st['micro_batches']} micro-batches, sync every {st['sync_every']}, "
-          f"{st['schedule']})", file=out)
+          f"{st['schedule']}{_knobs_text(st)})", file=out)
+    if plan.dp_shares:
+        print("DP shares (by device speed unless given): " + ", ".join(
+            f"{n} {100 * s:.0f}%" for n, s in zip(plan.devices, plan.dp_shares)), file=out)
     if not plan.predictions:
         print(f"not feasible: {plan.explanation}", file=out)
         return
@@ -61,6 +89,9 @@ def print_plan(plan: Plan, out: TextIO | None = None) -> None:
         print("stages: " + "  ".join(f"{s['ranks']}:{s['layers'][0]}-{s['layers'][1]}" for s in plan.stages), file=out)
     for w in plan.warnings:
         print(f"note: {w}", file=out)
+    if plan.suggestion:
+        label = "to fit" if plan.suggestion.get("fits") else "no fit"
+        print(f"{label}: {plan.suggestion['text']}", file=out)
 
 
 def print_comparison(cmp: Comparison, out: TextIO | None = None) -> None:
@@ -85,11 +116,15 @@ def print_comparison(cmp: Comparison, out: TextIO | None = None) -> None:
         f"{tot(p, 'comm_bytes_per_step') / 1e6:.1f} MB")
     row("OOM devices", lambda p: str(sum(d.oom for d in p.predictions)) if p.predictions else "-")
     row("feasible", lambda p: "yes" if p.feasible and not p.oom else "no")
+    row("fits", _fit_text)
     print(f"\nranking by {cmp.objective}:", file=out)
     for line in cmp.lines:
         print(f"  {line}", file=out)
     best = cmp.best
-    print(f"recommendation: {best.parallelism.upper() if best else 'none (nothing fits)'}", file=out)
+    if best is None and cmp.best_with_knobs is not None:
+        print(f"recommendation: none as is; {cmp.best_with_knobs.suggestion['text']}", file=out)
+    else:
+        print(f"recommendation: {best.parallelism.upper() if best else 'none (nothing fits)'}", file=out)
     notes = {w for p in cmp.plans for w in p.warnings if w.startswith("no profile")}
     for w in sorted(notes):
         print(f"note: {w}", file=out)

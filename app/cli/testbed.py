@@ -17,10 +17,14 @@ def cmd_testbed(args: argparse.Namespace) -> int:
     tb_dir = Path(args.dir) if args.dir else edgetrain_home() / "testbed"
     if args.action == "up":
         info = testbed.start_testbed(tb_dir, n_devices=args.devices, preset=args.preset,
-                                     base_addr=args.base_addr, port=args.port)
+                                     base_addr=args.base_addr, port=args.port,
+                                     cgroups=False if args.no_cgroups else None)
         print(f"testbed up: {len(info.devices)} devices; inventory {info.inventory_path}")
         for d in info.devices:
-            print(f"  {d.name:<10} {d.host}:{d.port}  {d.preset}")
+            cap = "no memory cap" if d.mem_bytes is None else \
+                f"{d.mem_bytes / 2**30:.1f} GiB {'physical (cgroup)' if d.mem_cap == 'cgroup' else 'address space (not root)'}"
+            cpu = f", cpu {d.cpu_share:.2f} cores" if d.cpu_share else ""
+            print(f"  {d.name:<10} {d.host}:{d.port}  {d.preset:<12} {cap}{cpu}")
         return 0
     if args.action == "down":
         was = testbed.stop_testbed(tb_dir)
@@ -31,7 +35,9 @@ def cmd_testbed(args: argparse.Namespace) -> int:
         print("no testbed running (start one with: edgetrain testbed up --devices 2)")
         return 1
     for r in rows:
-        print(f"  {r.name:<10} {r.host}:{r.port}  {'reachable' if r.reachable else 'UNREACHABLE'}")
+        cpu = f", cpu {r.cpu_share:.2f} cores" if r.cpu_share else ""
+        print(f"  {r.name:<10} {r.host}:{r.port}  {'reachable' if r.reachable else 'UNREACHABLE'}  "
+              f"limits: memory {r.mem_cap}{cpu}")
     return 0
 
 
@@ -89,6 +95,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     tb.add_argument("--netns", action="store_true",
                     help="root only: devices in network namespaces with real OpenSSH sshd, tc-shaped links, mDNS")
     tb.add_argument("--rate", type=float, default=None, help="--netns: link rate in Mbit/s (default 1000)")
+    tb.add_argument("--no-cgroups", action="store_true",
+                    help="cap memory by address space (RLIMIT_AS) even as root: no physical limit, no CPU quota")
     tb.set_defaults(func=cmd_testbed)
 
     nt = sub.add_parser("netns-testbed", help="root only: devices in network namespaces with real sshd")

@@ -15,6 +15,12 @@ gloo group with the DP trainer: DDP + AdamW; see :data:`CALIBRATION` for the num
     optimizer = (k_opt * params + k_tensor * tensors) * (G_ref_core / G_core), every k steps
     RSS       = runtime + first-step runtime + weights + grads + 2 x AdamW state
                 + DDP bucket + f_family * saved activations (+ AdamW temporaries)
+
+The memory knobs (:mod:`app.planner.knobs`) keep these constants' meaning: another
+optimizer replaces "2 x AdamW state" by its own state and its own temporaries and
+scales ``k_opt``/``k_tensor`` (estimates, not calibrated); activation checkpointing,
+gradient accumulation and bf16 change the saved activations and FLOPs the planner
+passes in; bf16 adds autocast's weight copies to forward and backward.
     virtual   = RSS + address space reserved but not resident (thread arenas/stacks)
 
 ``G`` is the device's fp32 matmul rate (a profile's ``gflops_fp32``: all its threads),
@@ -33,6 +39,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
+
+from app.planner import knobs
 
 MIB = 2 ** 20
 GIB = 2 ** 30
@@ -189,7 +197,10 @@ def spec_from_profile(profile: Any) -> DeviceSpec:
     limit = getattr(profile, "mem_limit_bytes", None)
     avail = getattr(profile, "mem_available_bytes", None) or getattr(profile, "mem_total_bytes", None)
     labels = getattr(profile, "labels", None) or {}
-    emulated = bool(labels.get("testbed") or labels.get("preset")) and limit is not None
+    # a testbed device capped by RLIMIT_AS compares virtual size; a cgroup cap (as root) is
+    # physical memory, compared with RSS as on a real board
+    emulated = bool(labels.get("testbed") or labels.get("preset")) and limit is not None \
+        and labels.get("mem_cap") != "cgroup"
     mem = limit if limit is not None else avail
     return DeviceSpec(name=profile.name, gflops=float(gflops), mem_bytes=int(mem) if mem else None,
                       p_idle_w=float(getattr(profile, "p_idle_w", 5.0) or 5.0),
@@ -199,7 +210,8 @@ def spec_from_profile(profile: Any) -> DeviceSpec:
 
 
 def spec_from_preset(name: str, preset: Any, threads: int | None = None,
-                     gflops_per_thread: float = HOST_GFLOPS_PER_THREAD) -> DeviceSpec:
+                     gflops_per_thread: float = HOST_GFLOPS_PER_THREAD, mem_is_virtual: bool = True,
+                     cpu_share: float | None = None) -> DeviceSpec:
     """A device emulated with a testbed preset (``app.testbed.emulation.DevicePreset``-like).
 
     Parameters
@@ -212,6 +224,11 @@ def spec_from_preset(name: str, preset: Any, threads: int | None = None,
         The thread budget the testbed gave the device (default: the preset's, or 1).
     gflops_per_thread
         Host matmul rate per thread: the emulated board computes with host threads.
+    mem_is_virtual
+        The cap is ``RLIMIT_AS`` (address space); False for a cgroup (physical) limit.
+    cpu_share
+        The board's CPU quota in host cores (a cgroup testbed); it computes at
+        ``gflops_per_thread x cpu_share`` instead of its threads' rate.
     """
     t = max(1, int(threads or getattr(preset, "threads", None) or 1))
     p_idle = float(getattr(preset, "p_idle_w", 0.0) or 0.0)
@@ -219,9 +236,10 @@ def spec_from_preset(name: str, preset: Any, threads: int | None = None,
     if not (p_idle > 0 and p_max >= p_idle):
         p_idle, p_max = 5.0, 15.0  # workers.energy's generic figures, as the meter would use
     mem = getattr(preset, "mem_bytes", None)
-    return DeviceSpec(name=name, gflops=gflops_per_thread * t, mem_bytes=mem, p_idle_w=p_idle, p_max_w=p_max,
-                      power_source="estimate", threads=t, mem_is_virtual=mem is not None,
-                      source=f"preset {getattr(preset, 'name', '?')}")
+    rate = gflops_per_thread * (min(cpu_share, t) if cpu_share else t)
+    return DeviceSpec(name=name, gflops=rate, mem_bytes=mem, p_idle_w=p_idle, p_max_w=p_max,
+                      power_source="estimate", threads=t, mem_is_virtual=mem is not None and mem_is_virtual,
+                      source=f"preset {getattr(preset, 'name', '?')}" + (f", {cpu_share:.2f} cores" if cpu_share else ""))
 
 
 def generic_spec(name: str) -> DeviceSpec:
@@ -276,6 +294,14 @@ class RankLoad:
         Other ranks in the process group.
     store
         This rank hosts the rendezvous store (rank 0 of a group of more than one).
+    optimizer
+        ``adamw``, ``sgd`` or ``adafactor`` (:data:`app.planner.knobs.OPTIMIZERS`).
+    opt_state_elems
+        fp32 elements of optimizer state held; ``None``: from ``optimizer`` and
+        ``params`` (AdamW 2 per parameter, SGD 1, Adafactor at most 1).
+    cast_params
+        Weights autocast keeps a bf16 copy of during forward and backward (bf16 runs;
+        0 for fp32).
     """
 
     params: int
@@ -296,6 +322,9 @@ class RankLoad:
     accumulate: bool = False
     peers: int = 0
     store: bool = False
+    optimizer: str = "adamw"
+    opt_state_elems: float | None = None
+    cast_params: int = 0
 
 
 @dataclass
@@ -341,35 +370,42 @@ def compute_seconds(spec: DeviceSpec, flops: float, act_bytes: float, block_pass
                + cal.embed_grad_s_per_byte * embed_bytes + cal.tp_module_s * tp_modules) * slow)
 
 
-def optimizer_seconds(spec: DeviceSpec, params: int, n_tensors: int, cal: Calibration = CALIBRATION) -> float:
-    """One AdamW step over ``params`` parameters in ``n_tensors`` tensors."""
+def optimizer_seconds(spec: DeviceSpec, params: int, n_tensors: int, cal: Calibration = CALIBRATION,
+                      optimizer: str = "adamw") -> float:
+    """One optimizer step (AdamW calibrated; others scaled) over ``params`` parameters in ``n_tensors`` tensors."""
     slow = cal.ref_core_gflops / max(1e-9, spec.core_gflops)
-    return (cal.opt_s_per_param * params + cal.opt_s_per_tensor * n_tensors) * slow
+    return (cal.opt_s_per_param * knobs.OPT_TIME_PER_PARAM[optimizer] * params
+            + cal.opt_s_per_tensor * knobs.OPT_TIME_PER_TENSOR[optimizer] * n_tensors) * slow
 
 
 def rank_cost(load: RankLoad, spec: DeviceSpec, cal: Calibration = CALIBRATION) -> RankCost:
     """Per-phase RSS and virtual size, forward+backward and optimizer seconds per step.
 
-    Phases are steady-state (AdamW state exists after the first step; peaks repeat):
-    ``load`` is before the first step; ``forward``/``backward`` hold weights, AdamW
-    state, the DDP bucket, the activations and (backward, or accumulating DP) the
-    gradients; ``optimizer`` adds AdamW's temporaries of one parameter at a time.
+    Phases are steady-state (optimizer state exists after the first step; peaks repeat):
+    ``load`` is before the first step; ``forward``/``backward`` hold weights, optimizer
+    state, the DDP bucket, the activations, autocast's bf16 weight copies and
+    (backward, or accumulating DP) the gradients; ``optimizer`` adds the optimizer's
+    temporaries of one parameter at a time.
     ``first_rss``/``first_virtual`` are the first step's phases (no AdamW state before
     its optimizer; autograd's threads appear with its backward), which decide in which
     phase a run that does not fit fails.
     """
     w = 4.0 * load.params
     bucket = 4.0 * load.bucket_params
-    state = 2 * w
+    opt = load.optimizer
+    elems = load.opt_state_elems if load.opt_state_elems is not None else knobs.STATE_PER_PARAM[opt] * load.params
+    state = 4.0 * elems
+    casts = knobs.BF16_COPY_BYTES * load.cast_params  # freed once backward has used them
     base = cal.runtime_rss_bytes + cal.rss_per_peer_bytes * load.peers
     run = base + cal.first_step_rss_bytes
     act = cal.act_factor.get(load.family, 1.8) * load.saved_act_bytes
-    opt_tmp = cal.opt_tmp_factor * 4.0 * load.largest_tensor
+    tmp_factor = knobs.OPT_TMP_PER_TENSOR[opt]
+    opt_tmp = (cal.opt_tmp_factor if tmp_factor is None else tmp_factor) * 4.0 * load.largest_tensor
     rss = {
         # DDP's constructor broadcasts the parameters through a flat copy
         "load": base + max(w, 4.0 * load.load_params) + (w if load.ddp else 0.0),
-        "forward": run + w + state + bucket + (w if load.accumulate else 0.0) + act,
-        "backward": run + w + state + bucket + w + act,
+        "forward": run + w + state + bucket + (w if load.accumulate else 0.0) + act + casts,
+        "backward": run + w + state + bucket + w + act + casts,
         # temporaries reuse what backward freed when activations dominate
         "optimizer": run + w + state + bucket + w + max(act, load.saved_act_bytes + opt_tmp),
     }
@@ -379,14 +415,14 @@ def rank_cost(load: RankLoad, spec: DeviceSpec, cal: Calibration = CALIBRATION) 
     vload = cal.virtual_load_base_bytes + cal.virtual_load_per_thread_bytes * threads + store
     # DDP reserves its buckets at construction; they become resident in the first backward
     virtual = {k: v + (vload + (bucket if load.ddp else 0.0) if k == "load" else vextra) for k, v in rss.items()}
-    first_rss = {"forward": run + w + bucket + act, "backward": run + w + bucket + w + act,
+    first_rss = {"forward": run + w + bucket + act + casts, "backward": run + w + bucket + w + act + casts,
                  "optimizer": rss["optimizer"]}
     first_virtual = {"forward": first_rss["forward"] + vload + (bucket if load.ddp else 0.0),
                      "backward": first_rss["backward"] + vextra, "optimizer": first_rss["optimizer"] + vextra}
     compute = compute_seconds(spec, load.flops_per_step, load.act_bytes_per_step, load.block_passes,
                               load.micro_steps, cal, load.embed_grad_bytes * load.micro_steps, load.tp_modules)
-    opt = optimizer_seconds(spec, load.params, load.n_tensors, cal) / max(1, load.opt_every)
-    return RankCost(rss=rss, virtual=virtual, compute_s=compute, optimizer_s=opt, first_rss=first_rss,
+    opt_s = optimizer_seconds(spec, load.params, load.n_tensors, cal, opt) / max(1, load.opt_every)
+    return RankCost(rss=rss, virtual=virtual, compute_s=compute, optimizer_s=opt_s, first_rss=first_rss,
                     first_virtual=first_virtual)
 
 

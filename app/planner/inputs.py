@@ -70,11 +70,21 @@ def specs_for_devices(devices: Sequence[Any], all_devices: Sequence[Any] | None 
         elif board is not None:
             # the testbed's thread rule (app.testbed.emulation.plan_devices)
             threads = min(board.threads or share, share) if is_testbed(dev) else board.threads
-            spec = cm.spec_from_preset(dev.name, board, threads=threads, gflops_per_thread=per_thread)
+            try:
+                cpu_share = float(labels["cpu_share"]) if labels.get("cpu_share") else None
+            except ValueError:
+                cpu_share = None  # a hand-edited label: plan without the quota
+            spec = cm.spec_from_preset(dev.name, board, threads=threads, gflops_per_thread=per_thread,
+                                       mem_is_virtual=labels.get("mem_cap") != "cgroup", cpu_share=cpu_share)
         else:
             spec = cm.generic_spec(dev.name)
         specs.append(spec)
-    testbed = [s for s, d in zip(specs, devices) if is_testbed(d)]
+    # devices with a CPU quota already have their share of the host (it adds up to at most
+    # the host's cores); the others share what is left
+    quota = sum(float((getattr(d, "labels", None) or {}).get("cpu_share") or 0) for d in devices if is_testbed(d))
+    testbed = [s for s, d in zip(specs, devices)
+               if is_testbed(d) and not (getattr(d, "labels", None) or {}).get("cpu_share")]
+    n_cpus = max(1, n_cpus - int(quota))
     busy = sum(s.threads for s in testbed)
     if busy > n_cpus:
         for s in testbed:

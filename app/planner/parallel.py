@@ -5,8 +5,9 @@ links) into an :class:`Evaluation`: a :class:`DevicePrediction` per rank, the st
 time with its critical-path parts, the bytes per link and the JobConfig ``stages``.
 They mirror what the workers do:
 
-* **dp**: every rank a DDP replica on an equal slice of the global batch; gradients
-  all-reduced (ring) every ``sync_every`` iterations, when the optimizer also steps.
+* **dp**: every rank a DDP replica on its slice of the global batch (``dp_shares``, or
+  equal), run in ``grad_accumulation`` micro-batches; gradients all-reduced (ring)
+  every ``sync_every`` iterations, when the optimizer also steps.
 * **sp**: every rank all weights and a contiguous slice of every sequence; keys and
   values all-gathered per block (reduce-scattered in backward), gradients all-reduced.
 * **tp**: Megatron split of each block (heads and FFN columns over ranks, two
@@ -14,6 +15,9 @@ They mirror what the workers do:
   and head replicated.
 * **pp** and **hybrid**: :mod:`app.planner.pipeline`, on the shared pieces here
   (:class:`DevicePrediction`, :class:`Evaluation`, per-rank prediction, link bytes).
+
+Every parallelism applies the memory knobs of :mod:`app.planner.knobs` (optimizer
+state, activation checkpointing, bf16) to what each rank holds and computes.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from app.planner import costmodel as cm
+from app.planner import knobs
 from app.planner.costmodel import DeviceSpec, RankLoad
 from app.planner.links import (
     Links,
@@ -135,6 +140,18 @@ def embed_bytes(shape: ModelShape) -> float:
     return float(shape.vocab_size * shape.proj * FP32)
 
 
+def weights_and_state(shape: ModelShape, st: RunSettings, params: int, n_blocks: int, first: bool, last: bool,
+                      tp: int = 1) -> dict[str, Any]:
+    """``RankLoad`` fields of the knobs that depend on what a rank holds: the optimizer,
+    its state (Adafactor: factored per tensor) and autocast's bf16 weight copies (every
+    weight but the embedding tables, which are looked up, not multiplied)."""
+    opt = knobs.optimizer_of(st)
+    factored = (n_blocks * knobs.block_state_elems(shape, tp) + knobs.edge_state_elems(shape, first, last))
+    tables = shape.embed_params() if first else 0
+    cast = max(0, params - tables) if knobs.precision_of(st) == "bf16" else 0
+    return {"optimizer": opt, "opt_state_elems": knobs.state_elems(opt, params, factored), "cast_params": cast}
+
+
 def largest_tensor(shape: ModelShape, first: bool) -> int:
     block = max(shape.hidden * shape.ffn, 3 * shape.hidden ** 2)
     return max(block, shape.vocab_size * shape.proj) if first else block
@@ -162,8 +179,15 @@ def eval_replicated(par: str, shape: ModelShape, st: RunSettings, specs: list[De
         return Evaluation(par, False, f"SP: sequence length {st.seq_len} < {w} devices", order=names)
     params = shape.total_params()
     k = max(1, st.sync_every) if par == "dp" else 1
-    per_tok = (shape.n_layer * shape.block_saved_floats_per_token() + shape.embed_saved_floats_per_token()
-               + shape.head_saved_floats_per_token())
+    g = knobs.accumulation(st) if par == "dp" else 1
+    if par == "dp" and st.dp_shares is not None and len(st.dp_shares) != w:
+        return Evaluation(par, False, f"DP: {len(st.dp_shares)} dp_shares for {w} devices", order=names)
+    try:
+        counts = knobs.share_counts(st.batch_size, st.dp_shares if par == "dp" else None, w)
+    except ValueError as exc:
+        return Evaluation(par, False, f"DP: {exc}", order=names)
+    ckpt, prec = knobs.checkpointing(st), (knobs.BF16_ACT_FACTOR if knobs.precision_of(st) == "bf16" else 1.0)
+    held = weights_and_state(shape, st, params, shape.n_layer, True, True)
     sync_s = ring_allreduce_s(FP32 * params, names, links)
     sync_bytes = allreduce_bytes_per_rank(FP32 * params, w)
     link_bytes: dict[str, float] = {}
@@ -171,34 +195,42 @@ def eval_replicated(par: str, shape: ModelShape, st: RunSettings, specs: list[De
     loads, comm = [], []
     for r in range(w):
         if par == "dp":
-            samples, seq = rank_share(st.batch_size, r, w), st.seq_len
+            samples, seq = counts[r], st.seq_len
             tokens = samples * seq
             extra_act, comm_s, comm_b = 0.0, sync_s / k, sync_bytes / k
         else:
             samples, seq = st.batch_size, rank_share(st.seq_len, r, w)
             tokens = samples * seq
             # keys and values of the whole sequence, gathered per block and kept for backward;
-            # the masked sdpa (math path) also keeps scores and probabilities per head
+            # the masked sdpa (math path) also keeps scores and probabilities per head.
+            # Checkpointed blocks keep neither (one block's at a time) but gather again
+            # when backward recomputes them.
             kv = 2 * shape.hidden * st.batch_size * st.seq_len * FP32
             scores = 2 * shape.heads * tokens * st.seq_len * FP32
-            extra_act = shape.n_layer * (kv + scores)
-            gather_s = 2 * shape.n_layer * ring_allgather_s(kv, names, links)  # forward + backward
-            gather_b = 2 * shape.n_layer * kv * (w - 1) / w
+            extra_act = (1 if ckpt else shape.n_layer) * (kv + scores) * prec
+            gathers = (3 if ckpt else 2) * shape.n_layer  # forward (+ recompute) + backward
+            gather_s = gathers * ring_allgather_s(kv, names, links)
+            gather_b = gathers * kv * (w - 1) / w
             comm_s, comm_b = sync_s + gather_s, sync_bytes + gather_b
             add_ring_bytes(link_bytes, names, gather_b)
-        flops = 3 * (shape.n_layer * shape.block_fwd_flops(tokens, st.seq_len) + shape.embed_fwd_flops(tokens)
-                     + shape.head_fwd_flops(samples))
-        act = tokens * FP32 * per_tok
+        flops = (knobs.block_flops_factor(st) * shape.n_layer * shape.block_fwd_flops(tokens, st.seq_len)
+                 + 3 * (shape.embed_fwd_flops(tokens) + shape.head_fwd_flops(samples)))
+        # the peak holds one accumulation micro-batch's activations (the largest: ceil);
+        # a slice smaller than g runs one sample per micro-batch (workers.parallel.dp)
+        g_r = max(1, min(g, samples))
+        kept, transient, _ = knobs.activation_bytes(shape, st, -(-samples // g_r) * seq, shape.n_layer, True, True)
+        _, _, produced = knobs.activation_bytes(shape, st, tokens, shape.n_layer, True, True)
         # DDP buckets hold every gradient; SP all-reduces flat buckets of <= 16 M elements
         bucket = params if par == "dp" else max(min(params, SP_BUCKET), largest_tensor(shape, True))
         loads.append(RankLoad(params=params, bucket_params=bucket, ddp=par == "dp",
                               largest_tensor=largest_tensor(shape, True),
                               n_tensors=tensor_count(shape, shape.n_layer, True, True),
                               # gathered K/V are single allocations: memory, not element-wise time
-                              saved_act_bytes=act + extra_act, act_bytes_per_step=act, family=shape.family,
-                              flops_per_step=flops, embed_grad_bytes=embed_bytes(shape),
-                              block_passes=shape.n_layer, micro_steps=1, opt_every=k,
-                              accumulate=par == "dp" and k > 1, peers=w - 1, store=r == 0 and w > 1))
+                              saved_act_bytes=kept + transient + extra_act, act_bytes_per_step=produced,
+                              family=shape.family, flops_per_step=flops, embed_grad_bytes=embed_bytes(shape),
+                              block_passes=shape.n_layer * g_r, micro_steps=g_r, opt_every=k,
+                              accumulate=par == "dp" and (k > 1 or g_r > 1), peers=w - 1, store=r == 0 and w > 1,
+                              **held))
         comm.append((comm_s, comm_b))
     costs = [cm.rank_cost(ld, s, cal) for ld, s in zip(loads, specs)]
     # ranks meet at every collective: the slowest rank sets the pace
@@ -236,12 +268,13 @@ def eval_tp(shape: ModelShape, st: RunSettings, specs: list[DeviceSpec], links: 
     blk = (shape.block_params() - replicated_per_block) // w + replicated_per_block
     params = shape.embed_params() + shape.head_params() + shape.n_layer * blk
     tokens = st.batch_size * st.seq_len
-    flops = 3 * (shape.n_layer * shape.block_fwd_flops(tokens, st.seq_len) / w + shape.embed_fwd_flops(tokens)
-                 + shape.head_fwd_flops(st.batch_size))
-    act = tokens * FP32 * (shape.n_layer * shape.block_saved_floats_per_token(tp=w)
-                           + shape.embed_saved_floats_per_token() + shape.head_saved_floats_per_token())
+    flops = (knobs.block_flops_factor(st) * shape.n_layer * shape.block_fwd_flops(tokens, st.seq_len) / w
+             + 3 * (shape.embed_fwd_flops(tokens) + shape.head_fwd_flops(st.batch_size)))
+    kept, transient, produced = knobs.activation_bytes(shape, st, tokens, shape.n_layer, True, True, tp=w)
     msg = tokens * h * FP32
-    n_reduce = 4 * shape.n_layer  # two all-reduces per block forward, two backward
+    # two all-reduces per block forward, two backward; a checkpointed block's recompute
+    # runs its forward (and its two all-reduces) again
+    n_reduce = (6 if knobs.checkpointing(st) else 4) * shape.n_layer
     comm_s = n_reduce * ring_allreduce_s(msg, names, links)
     comm_b = n_reduce * allreduce_bytes_per_rank(msg, w)
     link_bytes: dict[str, float] = {}
@@ -250,11 +283,12 @@ def eval_tp(shape: ModelShape, st: RunSettings, specs: list[DeviceSpec], links: 
     # plus one whole block
     full = shape.total_params() + params if "tp" in FULL_MODEL_AT_LOAD else params + shape.block_params()
     loads = [RankLoad(params=params, load_params=full, largest_tensor=largest_tensor(shape, True),
-                      n_tensors=tensor_count(shape, shape.n_layer, True, True), saved_act_bytes=act,
-                      act_bytes_per_step=act, family=shape.family, flops_per_step=flops,
+                      n_tensors=tensor_count(shape, shape.n_layer, True, True), saved_act_bytes=kept + transient,
+                      act_bytes_per_step=produced, family=shape.family, flops_per_step=flops,
                       embed_grad_bytes=embed_bytes(shape),
                       tp_modules=shape.n_layer * _TP_LINEARS.get(shape.family, 6),
-                      block_passes=shape.n_layer, micro_steps=1, peers=w - 1, store=r == 0 and w > 1)
+                      block_passes=shape.n_layer, micro_steps=1, peers=w - 1, store=r == 0 and w > 1,
+                      **weights_and_state(shape, st, params, shape.n_layer, True, True, tp=w))
              for r in range(w)]
     costs = [cm.rank_cost(ld, s, cal) for ld, s in zip(loads, specs)]
     step = max(c.compute_s for c in costs) + max(c.optimizer_s for c in costs) + comm_s

@@ -4,12 +4,20 @@ Contiguous block ranges per stage (:mod:`app.planner.partition`), the batch in
 ``micro_batches`` micro-batches, GPipe or 1F1B (same bubble; 1F1B keeps fewer
 micro-batches' activations: ``stages - stage index``).  Hybrid runs ``R`` replicas of
 every stage: replica ``r`` of every stage forms pipeline ``r`` on ``1/R`` of the batch, and
-each stage's group all-reduces its gradients."""
+each stage's group all-reduces its gradients.
+
+The memory knobs (:mod:`app.planner.knobs`) apply per stage: with activation
+checkpointing a micro-batch in flight keeps only its blocks' inputs, and one block's
+activations are recomputed at a time; the optimizer state follows the stage's tensors.
+The split is memory-aware: a stage's block count is capped by what fits its devices
+(the embedding stage also holds the tables and their optimizer state), so the
+partitioner moves blocks off a stage the time-balanced split would overfill."""
 from __future__ import annotations
 
 from typing import Callable
 
 from app.planner import costmodel as cm
+from app.planner import knobs
 from app.planner.costmodel import DeviceSpec, RankLoad
 from app.planner.links import Links, allreduce_bytes_per_rank, p2p_s, ring_allreduce_s, ring_links
 from app.planner.parallel import (
@@ -22,6 +30,7 @@ from app.planner.parallel import (
     predict_rank,
     rank_share,
     tensor_count,
+    weights_and_state,
 )
 from app.planner.partition import Partition, partition, propose_order
 from app.planner.shape import FP32, ModelShape
@@ -58,18 +67,15 @@ class _Pipeline:
             self.max_blocks.append(self._max_blocks(s, group))
 
     def _mb_compute(self, spec: DeviceSpec, nb: int, first: bool, last: bool) -> float:
-        sh = self.shape
-        flops = 3 * (nb * sh.block_fwd_flops(self.tokens_mb, self.st.seq_len)
-                     + (sh.embed_fwd_flops(self.tokens_mb) if first else 0.0)
-                     + (sh.head_fwd_flops(self.mb_samples) if last else 0.0))
-        return cm.compute_seconds(spec, flops, self._act_mb(nb, first, last), nb, 1, self.cal,
-                                  embed_bytes(sh) if first else 0.0)
+        produced = knobs.activation_bytes(self.shape, self.st, self.tokens_mb, nb, first, last)[2]
+        return cm.compute_seconds(spec, self._flops_mb(nb, first, last), produced, nb, 1, self.cal,
+                                  embed_bytes(self.shape) if first else 0.0)
 
-    def _act_mb(self, nb: int, first: bool, last: bool) -> float:
+    def _flops_mb(self, nb: int, first: bool, last: bool) -> float:
         sh = self.shape
-        return self.tokens_mb * FP32 * (nb * sh.block_saved_floats_per_token()
-                                        + (sh.embed_saved_floats_per_token() if first else 0.0)
-                                        + (sh.head_saved_floats_per_token() if last else 0.0))
+        return (knobs.block_flops_factor(self.st) * nb * sh.block_fwd_flops(self.tokens_mb, self.st.seq_len)
+                + 3 * ((sh.embed_fwd_flops(self.tokens_mb) if first else 0.0)
+                       + (sh.head_fwd_flops(self.mb_samples) if last else 0.0)))
 
     def p2p_one(self, s: int, other: int) -> float:
         """One boundary message from stage ``s`` to ``other`` (slowest replica's link)."""
@@ -91,20 +97,20 @@ class _Pipeline:
         first, last = s == 0, s == self.n_stages - 1
         params = (nb * sh.block_params() + (sh.embed_params() if first else 0)
                   + (sh.head_params() if last else 0))
-        act_mb = self._act_mb(nb, first, last)
-        flops_mb = 3 * (nb * sh.block_fwd_flops(self.tokens_mb, self.st.seq_len)
-                        + (sh.embed_fwd_flops(self.tokens_mb) if first else 0.0)
-                        + (sh.head_fwd_flops(self.mb_samples) if last else 0.0))
+        kept, transient, produced = knobs.activation_bytes(sh, self.st, self.tokens_mb, nb, first, last)
+        flops_mb = self._flops_mb(nb, first, last)
         # hybrid all-reduces flat buckets of <= 4 M elements; a bigger tensor goes alone
         bucket = max(min(params, HYBRID_BUCKET), largest_tensor(sh, first)) if self.replicas > 1 else 0
         return RankLoad(params=params, bucket_params=bucket,
                         load_params=sh.total_params() if self.par in FULL_MODEL_AT_LOAD else 0,
                         largest_tensor=largest_tensor(sh, first), n_tensors=tensor_count(sh, nb, first, last),
-                        saved_act_bytes=act_mb * self.in_flight(s), act_bytes_per_step=act_mb * self.m,
+                        # every micro-batch in flight keeps its part; a recompute is one at a time
+                        saved_act_bytes=kept * self.in_flight(s) + transient, act_bytes_per_step=produced * self.m,
                         family=sh.family, flops_per_step=flops_mb * self.m, block_passes=nb * self.m,
                         embed_grad_bytes=embed_bytes(sh) if first else 0.0,
                         micro_steps=self.m, peers=self.peers,
-                        store=s == 0 and replica == 0 and self.peers > 0)
+                        store=s == 0 and replica == 0 and self.peers > 0,
+                        **weights_and_state(sh, self.st, params, nb, first, last))
 
     def _max_blocks(self, s: int, group: list[DeviceSpec]) -> int:
         """Most blocks stage ``s`` can hold on every replica (memory grows with blocks)."""
@@ -115,7 +121,8 @@ class _Pipeline:
         first, last = s == 0, s == self.n_stages - 1
         store = s == 0 and replica == 0 and self.peers > 0
         key = (self.par, self.shape, self.st.batch_size, self.st.seq_len, self.m, self.replicas, self.in_flight(s), first,
-               last, store, self.peers, spec.mem_bytes, spec.mem_is_virtual, spec.threads, id(self.cal))
+               last, store, self.peers, spec.mem_bytes, spec.mem_is_virtual, spec.threads, id(self.cal),
+               knobs.optimizer_of(self.st), knobs.checkpointing(self.st), knobs.precision_of(self.st))
         hit = FIT_CACHE.get(key)
         if hit is not None:
             return hit

@@ -7,27 +7,34 @@ the JobConfig ``stages`` and a one-line explanation.  :func:`compare` plans ever
 parallelism and ranks the feasible ones by an objective.  :func:`plan_stages` is what
 ``app.run.jobs.prepare_run`` calls when the user gave no split.
 
-The plan JSON (``Plan.to_dict``, ``"version": 1``) is what the launcher and the run
-record keep: ``stages`` is exactly ``JobConfig.stages``; ``Plan.to_job_fields()``
-gives the JobConfig fields the plan decides.  Torch-free and fast: 64 devices x 36
+The plan JSON (``Plan.to_dict``, ``"version": 2``; version 1 plans, without
+``dp_shares`` and ``suggestion``, still load) is what the launcher and the run record
+keep: ``stages`` is exactly ``JobConfig.stages``; ``dp_shares`` the DP batch shares the
+planner picked by device speed; ``suggestion`` the knobs that make an OOM plan fit
+(:mod:`app.planner.suggest`); ``Plan.to_job_fields()`` gives the JobConfig fields the
+plan decides.  Torch-free and fast: 64 devices x 36
 blocks x every parallelism plans in well under a second (``bench/plan_accuracy.py
 --timing``).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 from app.planner import costmodel as cm
+from app.planner import knobs
 from app.planner.costmodel import DeviceSpec
 from app.planner.links import Links
 from app.planner.parallel import DevicePrediction, Evaluation, eval_replicated, eval_tp
 from app.planner.pipeline import best_order, eval_pipeline, hybrid_replica_options
 from app.planner.shape import ModelShape, resolve_model
+from app.planner.suggest import fits, search_knobs
 from workers.config import PARALLELISMS, Parallelism, RunSettings
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+#: Versions :meth:`Plan.from_dict` reads (1: before ``dp_shares`` and ``suggestion``).
+READABLE_PLAN_VERSIONS = (1, 2)
 OBJECTIVES = ("latency", "energy", "mix")
 
 
@@ -40,7 +47,8 @@ class Plan:
     parallelism, model
         As in JobConfig.
     settings
-        batch_size, seq_len, micro_batches, sync_every, schedule.
+        batch_size, seq_len, micro_batches, sync_every, schedule, and the memory knobs
+        (optimizer, activation_checkpointing, grad_accumulation, precision).
     devices
         Device names in rank order.
     stages
@@ -55,6 +63,12 @@ class Plan:
         One line: what dominates the step (or why it cannot run).
     proposed_order
         A device order predicted to be faster (pp/hybrid), or ``None``.
+    dp_shares
+        DP: each rank's fraction of the global batch the plan assumes (the user's, or
+        picked proportional to device speed); ``None``: equal shares.
+    suggestion
+        When the plan OOMs: the knobs that make it fit (``fits``, ``changes``, ``text``,
+        ...; see :func:`app.planner.suggest.search_knobs`), or ``None``.
     """
 
     parallelism: str
@@ -68,6 +82,8 @@ class Plan:
     proposed_order: list[str] | None = None
     link_bytes: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    dp_shares: list[float] | None = None
+    suggestion: dict[str, Any] | None = None
     version: int = PLAN_VERSION
 
     @property
@@ -83,29 +99,39 @@ class Plan:
                 "settings": dict(self.settings), "devices": list(self.devices), "stages": self.stages,
                 "predictions": [p.to_dict() for p in self.predictions], "totals": dict(self.totals),
                 "explanation": self.explanation, "proposed_order": self.proposed_order,
-                "link_bytes": dict(self.link_bytes), "warnings": list(self.warnings)}
+                "link_bytes": dict(self.link_bytes), "warnings": list(self.warnings),
+                "dp_shares": None if self.dp_shares is None else list(self.dp_shares),
+                "suggestion": None if self.suggestion is None else dict(self.suggestion)}
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
-        if data.get("version") != PLAN_VERSION:
-            raise ValueError(f"plan version {data.get('version')!r} is not supported (expected {PLAN_VERSION})")
+        if data.get("version") not in READABLE_PLAN_VERSIONS:
+            raise ValueError(f"plan version {data.get('version')!r} is not supported "
+                             f"(expected one of {', '.join(map(str, READABLE_PLAN_VERSIONS))})")
         preds = [DevicePrediction(**p) for p in data.get("predictions", [])]
         return cls(parallelism=data["parallelism"], model=data["model"], settings=data["settings"],
                    devices=data["devices"], stages=data.get("stages", []), predictions=preds,
                    totals=data.get("totals", {}), explanation=data.get("explanation", ""),
                    proposed_order=data.get("proposed_order"), link_bytes=data.get("link_bytes", {}),
-                   warnings=data.get("warnings", []))
+                   warnings=data.get("warnings", []), dp_shares=data.get("dp_shares"),
+                   suggestion=data.get("suggestion"))
 
     def to_job_fields(self) -> dict[str, Any]:
         """The JobConfig fields this plan decides (``devices`` is the rank order)."""
         out = {"parallelism": self.parallelism, "model": self.model, "devices": list(self.devices),
                "stages": [dict(s) for s in self.stages]}
-        for k in ("batch_size", "seq_len", "micro_batches", "sync_every", "schedule"):
-            out[k] = self.settings[k]
+        for k in ("batch_size", "seq_len", "micro_batches", "sync_every", "schedule", *_KNOBS):
+            if k in self.settings:  # a version-1 plan has no knobs
+                out[k] = self.settings[k]
+        if self.parallelism == Parallelism.DP.value:
+            out["dp_shares"] = None if self.dp_shares is None else list(self.dp_shares)
         return out
+
+
+_KNOBS = ("optimizer", "activation_checkpointing", "grad_accumulation", "precision")
 
 
 # --------------------------------------------------------------------------- planning
@@ -136,7 +162,7 @@ def _rank_key(ev: Evaluation) -> tuple[int, int, float]:
 
 def make_plan(model: Any, parallelism: Parallelism | str, specs: Sequence[DeviceSpec], links: Links | None = None,
               settings: RunSettings | None = None, stages: list[dict] | None = None, propose: bool = True,
-              cal: cm.Calibration = cm.CALIBRATION) -> Plan:
+              cal: cm.Calibration = cm.CALIBRATION, suggest: bool = True) -> Plan:
     """Plan ``parallelism`` for ``model`` on ``specs`` (rank order = list order).
 
     Parameters
@@ -155,6 +181,9 @@ def make_plan(model: Any, parallelism: Parallelism | str, specs: Sequence[Device
         A fixed JobConfig ``stages`` split to predict instead of partitioning.
     propose
         pp/hybrid: also search for a better device order (reported, not applied).
+    suggest
+        When the plan OOMs, search the memory knobs for a combination that fits
+        (``Plan.suggestion``; apply it with :func:`app.planner.suggest.apply_suggestion`).
 
     Returns
     -------
@@ -169,8 +198,17 @@ def make_plan(model: Any, parallelism: Parallelism | str, specs: Sequence[Device
     if not specs:
         raise ValueError("a plan needs at least one device")
     links = links or Links()
+    st, share_notes = _dp_shares(parallelism, shape, st, specs, links, cal)
     ev = _evaluate(parallelism, shape, st, specs, links, stages, cal)
     plan = _to_plan(ev, shape, st)
+    plan.warnings += share_notes
+    if parallelism == Parallelism.DP and st.dp_shares is not None:
+        given = settings is not None and settings.dp_shares is not None and st.dp_shares == settings.dp_shares
+        # the planner's own picks travel exactly as evaluated (prepare_run hands them to the workers)
+        plan.dp_shares = knobs.normalised(st.dp_shares) if given else list(st.dp_shares)
+    if suggest and ev.devices and ev.oom:
+        plan.suggestion = search_knobs(parallelism, st, specs,
+                                       lambda s: _evaluate(parallelism, shape, s, specs, links, stages, cal), ev)
     if propose and parallelism.pipelined and ev.feasible and not stages and len(specs) > 2:
         def evaluate(order: list[int]) -> Evaluation:
             return _evaluate(parallelism, shape, st, [specs[i] for i in order], links, None, cal)
@@ -190,9 +228,43 @@ def make_plan(model: Any, parallelism: Parallelism | str, specs: Sequence[Device
     return plan
 
 
+def _dp_shares(par: Parallelism, shape: ModelShape, st: RunSettings, specs: list[DeviceSpec], links: Links,
+               cal: cm.Calibration) -> tuple[RunSettings, list[str]]:
+    """The settings to plan DP with: the user's shares, or shares proportional to speed.
+
+    The planner picks shares only when the user gave none (or gave a number that does
+    not match the devices: a re-plan on survivors) and the devices differ in speed by
+    more than :data:`app.planner.knobs.SHARE_TOLERANCE`; it keeps equal shares when the
+    speed shares would run a device out of memory and equal ones would not.
+    """
+    if par != Parallelism.DP:
+        return st, []
+    notes = []
+    if st.dp_shares is not None:
+        if len(st.dp_shares) == len(specs):
+            # planned as given: the workers split by the same numbers (normalised there)
+            return st, []
+        notes.append(f"{len(st.dp_shares)} dp_shares for {len(specs)} devices: shares picked by device speed")
+    picked = knobs.speed_shares(specs)
+    equal = replace(st, dp_shares=None)
+    try:
+        knobs.share_counts(st.batch_size, picked, len(specs))
+    except ValueError:
+        picked = None  # a slow device would get no sample at all: keep equal shares
+    if picked is None:
+        return equal, notes
+    by_speed = replace(st, dp_shares=picked)
+    if (eval_replicated("dp", shape, by_speed, specs, links, cal).oom
+            and fits(eval_replicated("dp", shape, equal, specs, links, cal))):
+        return equal, notes + ["equal DP shares: shares by device speed would run out of memory"]
+    return by_speed, notes
+
+
 def _to_plan(ev: Evaluation, shape: ModelShape, st: RunSettings) -> Plan:
     settings = {"batch_size": st.batch_size, "seq_len": st.seq_len, "micro_batches": st.micro_batches,
-                "sync_every": st.sync_every, "schedule": st.schedule.value}
+                "sync_every": st.sync_every, "schedule": st.schedule.value,
+                "optimizer": knobs.optimizer_of(st), "activation_checkpointing": knobs.checkpointing(st),
+                "grad_accumulation": knobs.accumulation(st), "precision": knobs.precision_of(st)}
     if not ev.feasible and not ev.devices:
         totals = {"feasible": False, "oom": False, "step_s": None, "latency_per_sample_s": None,
                   "energy_per_sample_j": None}
@@ -264,6 +336,13 @@ class Comparison:
     def best(self) -> Plan | None:
         return next((p for p in self.plans if p.parallelism == self.ranking[0]), None) if self.ranking else None
 
+    @property
+    def best_with_knobs(self) -> Plan | None:
+        """When nothing fits as is: the plan whose suggested knobs fit best by the objective."""
+        fixable = [p for p in self.plans if (p.suggestion or {}).get("fits")]
+        key = "energy_per_sample_j" if self.objective == "energy" else "latency_per_sample_s"
+        return min(fixable, key=lambda p: p.suggestion[key], default=None)
+
     def to_dict(self) -> dict[str, Any]:
         return {"version": PLAN_VERSION, "objective": self.objective, "ranking": self.ranking,
                 "lines": self.lines, "plans": [p.to_dict() for p in self.plans]}
@@ -284,7 +363,11 @@ def score(plan: Plan, objective: str, best_latency: float, best_energy: float, w
 def compare(model: Any, specs: Sequence[DeviceSpec], links: Links | None = None, settings: RunSettings | None = None,
             objective: str = "latency", parallelisms: Iterable[str] = PARALLELISMS, weight: float = 0.5,
             cal: cm.Calibration = cm.CALIBRATION) -> Comparison:
-    """Plan every parallelism and rank those that run without OOM by ``objective``."""
+    """Plan every parallelism and rank those that run without OOM by ``objective``.
+
+    A plan that OOMs carries the knobs that would make it fit (``Plan.suggestion``); the
+    lines say so, and :attr:`Comparison.best_with_knobs` picks among them.
+    """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
     plans = [make_plan(model, p, specs, links, settings, cal=cal) for p in parallelisms]
@@ -299,7 +382,9 @@ def compare(model: Any, specs: Sequence[DeviceSpec], links: Links | None = None,
                      f"{t['energy_per_sample_j']:9.4f} J/sample  {p.explanation}")
     for p in plans:
         if p not in ok:
-            lines.append(f"-. {p.parallelism.upper():<6} not recommended: {p.explanation}")
+            fix = f"; to fit: {p.suggestion['text']}" if (p.suggestion or {}).get("fits") else (
+                f"; {p.suggestion['text']}" if p.suggestion else "")
+            lines.append(f"-. {p.parallelism.upper():<6} not recommended: {p.explanation}{fix}")
     return Comparison(objective, plans, [p.parallelism for p in ok], lines)
 
 

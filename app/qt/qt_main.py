@@ -36,6 +36,7 @@ from .qt_plan import QtPlanner, QtPlanView
 from .qt_run import QtRunController
 from .qt_runconfig import QtRunConfigPanel
 from .qt_runviews import QtEventLog, QtRunSummary, QtTimeline
+from .qt_study import QtStudyWindow
 from .qt_style import device_colour, fmt_ms, titled
 
 log = logging.getLogger("edgetrain.qt")
@@ -168,6 +169,8 @@ class QtMainWindow(QMainWindow):
         self.stop_action.setEnabled(False)
         self.arrange_action = self._action("Auto-arrange", self.auto_arrange, None,
                                            "Apply the planner's suggested stage order")
+        self.study = QtStudyWindow(self.workspace, self.loop, self.futures, self.run, self, (self.launch_action,))
+        study = self._action("Study…", self.study.open_study, "Ctrl+Shift+S", "Every model × parallelism, one figure")
         open_inv = self._action("Open inventory…", self.file_actions.ask_inventory, "Ctrl+I")
         open_ses = self._action("Open session…", self.file_actions.ask_open_session, QKeySequence.Open)
         save_ses = self._action("Save session…", self.file_actions.ask_save_session, QKeySequence.Save)
@@ -188,7 +191,7 @@ class QtMainWindow(QMainWindow):
         menus = self.menuBar()
         for title, acts in (("&File", (open_inv, open_ses, save_ses, None, png, csv_, None, quit_)),
                             ("&Edit", (self.undo_action, self.redo_action)),
-                            ("&Run", (self.launch_action, self.stop_action, self.arrange_action))):
+                            ("&Run", (self.launch_action, self.stop_action, self.arrange_action, None, study))):
             menu = menus.addMenu(title)
             for act in acts:
                 menu.addSeparator() if act is None else menu.addAction(act)
@@ -473,6 +476,7 @@ class QtMainWindow(QMainWindow):
         return self._closed
 
     def shutdown(self) -> None:
+        self.study.shutdown()
         self.planner.close()
         self.charts.stop()
         self.futures.close()

@@ -1,5 +1,9 @@
 """The run configuration form: model, parallelism, batch, sequence, micro-batches, ...
 
+Memory knobs sit at the end: optimizer, activation checkpointing, DP gradient
+accumulation and precision.  DP's per-device batch shares are the planner's (or the
+CLI's ``--dp-shares``): the form only shows them.
+
 The form keeps no settings of its own beyond its widgets: :meth:`settings` reads them into
 a :class:`workers.config.RunSettings`, :meth:`set_settings` writes one back, and
 ``settings_changed`` fires on every edit (the planner debounces).
@@ -10,18 +14,20 @@ from dataclasses import replace
 
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
+    QLabel,
     QLineEdit,
     QPushButton,
     QSpinBox,
     QWidget,
 )
 
-from workers.config import Parallelism, RunSettings, Schedule
+from workers.config import OPTIMIZERS, PRECISIONS, Parallelism, RunSettings, Schedule
 from workers.presets import PRESETS
 
 LOCAL_WEIGHTS = "Local weights…"
@@ -80,6 +86,20 @@ class QtRunConfigPanel(QWidget):
         browse_d = QPushButton("…", self)
         browse_d.setFixedWidth(28)
         browse_d.clicked.connect(self._browse_file)
+        self.optimizer = QComboBox(self)
+        self.optimizer.addItems(list(OPTIMIZERS))
+        self.optimizer.setToolTip("adamw: two moments per parameter; sgd: one momentum buffer; "
+                                  "adafactor: factored second moment (least memory)")
+        self.activation_checkpointing = QCheckBox("recompute activations in backward", self)
+        self.activation_checkpointing.setToolTip("Less activation memory, about a third more compute")
+        self.grad_accumulation = _spin(1, 4096, d.grad_accumulation, self)
+        self.grad_accumulation.setToolTip("DP: each replica runs its slice in this many micro-batches")
+        self.precision = QComboBox(self)
+        self.precision.addItems(list(PRECISIONS))
+        self.precision.setToolTip("bf16: autocast the forward where the device supports it")
+        self.dp_shares = QLabel(self)
+        self.dp_shares.setToolTip("DP: each device's share of the batch, in rank order; set by the "
+                                  "planner or --dp-shares")
         form = QFormLayout(self)
         form.setContentsMargins(4, 4, 4, 4)
         form.addRow("Model", self.model)
@@ -96,13 +116,20 @@ class QtRunConfigPanel(QWidget):
         form.addRow("Dataset", self._row(self.dataset, browse_d))
         form.addRow("Checkpoint every", self.checkpoint_every)
         form.addRow("Evaluate every", self.eval_every)
+        form.addRow("Optimizer", self.optimizer)
+        form.addRow("Activation checkpointing", self.activation_checkpointing)
+        form.addRow("Gradient accumulation", self.grad_accumulation)
+        form.addRow("Precision", self.precision)
+        form.addRow("DP batch shares", self.dp_shares)
         self._base = RunSettings()
         self.set_settings(settings or RunSettings())
         for sig in (self.model.currentIndexChanged, self.parallelism.currentIndexChanged,
-                    self.schedule.currentIndexChanged, self.mode.currentIndexChanged):
+                    self.schedule.currentIndexChanged, self.mode.currentIndexChanged,
+                    self.optimizer.currentIndexChanged, self.precision.currentIndexChanged,
+                    self.activation_checkpointing.toggled):
             sig.connect(self._changed)
         for spin in (self.steps, self.batch_size, self.seq_len, self.micro_batches, self.sync_every,
-                     self.checkpoint_every, self.eval_every):
+                     self.checkpoint_every, self.eval_every, self.grad_accumulation):
             spin.valueChanged.connect(self._changed)
         self.lr.valueChanged.connect(self._changed)
         self.weights.editingFinished.connect(self._changed)
@@ -136,6 +163,10 @@ class QtRunConfigPanel(QWidget):
         self.micro_batches.setEnabled(par.pipelined)
         self.schedule.setEnabled(par.pipelined)
         self.sync_every.setEnabled(par in (Parallelism.DP, Parallelism.HYBRID))
+        self.grad_accumulation.setEnabled(par is Parallelism.DP)
+        shares = self._base.dp_shares
+        self.dp_shares.setEnabled(par is Parallelism.DP)
+        self.dp_shares.setText(", ".join(f"{x / sum(shares):.2f}" for x in shares) if shares else "equal")
         self.settings_changed.emit()
 
     def settings(self) -> RunSettings:
@@ -151,14 +182,17 @@ class QtRunConfigPanel(QWidget):
             lr=self.lr.value() or None, schedule=self.schedule.currentText(),
             dataset=self.dataset.text().strip() or None, weights=weights if local else None,
             device=self.mode.currentData(), checkpoint_every=self.checkpoint_every.value(),
-            eval_every=self.eval_every.value())
+            eval_every=self.eval_every.value(), optimizer=self.optimizer.currentText(),
+            activation_checkpointing=self.activation_checkpointing.isChecked(),
+            grad_accumulation=self.grad_accumulation.value(), precision=self.precision.currentText())
 
     def set_settings(self, s: RunSettings) -> None:
         """Show ``s`` (one ``settings_changed`` at the end, not one per widget)."""
         self._base = s
         widgets = [self.model, self.parallelism, self.schedule, self.mode, self.steps, self.batch_size,
                    self.seq_len, self.micro_batches, self.sync_every, self.lr, self.weights, self.dataset,
-                   self.checkpoint_every, self.eval_every]
+                   self.checkpoint_every, self.eval_every, self.optimizer, self.activation_checkpointing,
+                   self.grad_accumulation, self.precision]
         for w in widgets:
             w.blockSignals(True)
         try:
@@ -179,6 +213,10 @@ class QtRunConfigPanel(QWidget):
             self.eval_every.setValue(s.eval_every)
             self.lr.setValue(s.lr or 0.0)
             self.dataset.setText(s.dataset or "")
+            self.optimizer.setCurrentText(s.optimizer)
+            self.activation_checkpointing.setChecked(s.activation_checkpointing)
+            self.grad_accumulation.setValue(s.grad_accumulation)
+            self.precision.setCurrentText(s.precision)
         finally:
             for w in widgets:
                 w.blockSignals(False)

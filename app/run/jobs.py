@@ -6,6 +6,7 @@ settings + inventory -> :class:`JobConfig` (+ plan) -> :class:`Launcher` -> :cla
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from app.run.checkpoints import Found
 from app.run.launcher import Launcher, new_run_id
 from app.run.planning import fallback_plans, plan_for_run
 from app.run.runstate import RunState
-from workers.config import JobConfig, RunSettings
+from workers.config import JobConfig, Parallelism, RunSettings
 
 log = logging.getLogger("edgetrain.jobs")
 
@@ -59,6 +60,10 @@ def prepare_run(inv: Inventory, names: list[str] | None, settings: RunSettings,
     devices = inv.select(names)
     if plan is None:
         plan = _plan_or_none(inv, [d.name for d in devices], settings)
+    shares = (plan or {}).get("dp_shares")
+    if settings.parallelism is Parallelism.DP and settings.dp_shares is None and shares and len(shares) == len(devices):
+        # the planner's shares by device speed, as the plan predicted them; the user's win
+        settings = replace(settings, dp_shares=list(shares))
     planned = (plan or {}).get("stages") if settings.parallelism.pipelined else None
     # the run follows the plan the user saw (the planner's balanced split), unless the
     # user gave stages explicitly

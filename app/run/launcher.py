@@ -24,19 +24,17 @@ from app.devices.inventory import Device
 from app.devices.remote import ASSET_FIELDS, asset_digest, kill_remote, push_asset, push_workers, workers_digest
 from app.devices.ssh import KnownHosts, SSHError, connect
 from app.run.checkpoints import Found, stage, worker_dir
-from app.run.recovery import Recovery, collective_timeout
+from app.run.recovery import Recovery, attribute_oom, collective_timeout
 from app.run.resume import bring_model_home
 from app.run.runstate import RunState
 from app.run.telemetry import TelemetryParser
 from workers.config import JobConfig
-from workers.lifeline import EXIT_ORPHANED, EXIT_STOPPED, HEARTBEATS_PER_TIMEOUT
+from workers.lifeline import EXIT_OOM, EXIT_ORPHANED, EXIT_STOPPED, HEARTBEATS_PER_TIMEOUT
 
 log = logging.getLogger("edgetrain.launch")
 PID_TAG = "EDGETRAIN_PID"
-EXIT_OOM = 3
-#: How long a worker waits for a silent controller before it ends itself.  Generous: the
-#: launcher's loop can be busy for a moment (a GUI thread, a slow SFTP copy), and a lost
-#: controller is noticed at once anyway when its connection closes.
+#: How long a worker waits for a silent controller before it ends itself.  Generous: the launcher's
+#: loop can be busy a moment, and a lost controller is noticed at once when its connection closes.
 LIFELINE_S = 10.0  # silence for this long + EMERGENCY_GRACE_S: a worker is gone within 20 s
 #: Seconds the workers get to checkpoint and end after a stop before they are killed.
 STOP_GRACE_S = 60.0
@@ -473,7 +471,8 @@ class Launcher:
         await asyncio.gather(err_task, return_exceptions=True)
         w.exit_status = w.proc.exit_status
         w.exit_signal = (w.proc.exit_signal or (None,))[0]
-
+        if w.exit_signal == "KILL" and not w.lost_reason:  # the kernel's OOM killer, or a person?
+            await attribute_oom(w, self.state)
     async def _cleanup(self) -> None:
         """Kill every worker still running, then close the connections."""
         kills = []

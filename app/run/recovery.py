@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shlex
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -166,3 +167,34 @@ class Recovery:
                          proc_state or "gone")
         finally:
             self._checking.discard(w.rank)
+
+
+async def attribute_oom(w: "_Worker", state) -> bool:
+    """A worker ended by SIGKILL: was it the kernel's OOM killer?  Asks the device for
+    the OOM-kill counter of the worker's memory cgroup (raised since the worker started)
+    and, where readable, the kernel log; a real board reports an overrun the same way.
+    On a yes, the device is marked ``oom`` with the phase and memory of its last
+    heartbeat, so the run reports an out-of-memory naming the device, not a crash."""
+    dev = state.devices[w.device.name]
+    version, _, cg = (dev.mem_cgroup or "").partition(":")
+    name = "memory.oom_control" if version == "cgroup1" else "memory.events"
+    cmd = (f"cat {shlex.quote(cg + '/' + name)} 2>/dev/null | grep '^oom_kill '; " if cg else "") + \
+        f"dmesg 2>/dev/null | grep -E 'Killed process {w.pid}( |$)' | tail -n 1; true"
+    try:
+        res = await asyncio.wait_for(w.conn.run(cmd, check=False, encoding="utf-8", errors="replace"), 10)
+        out = str(res.stdout)
+    except (asyncssh.Error, OSError, asyncio.TimeoutError):
+        return False
+    kills = next((int(ln.split()[1]) for ln in out.splitlines() if ln.startswith("oom_kill ")), None)
+    by_cgroup = kills is not None and dev.oom_kills is not None and kills > dev.oom_kills
+    if not (by_cgroup or f"Killed process {w.pid}" in out):
+        return False
+    cap = (f"{dev.mem_limit_bytes / 2**30:.2f} GiB {dev.mem_limit_kind or ''} limit".replace("  ", " ")
+           if dev.mem_limit_bytes else "no limit set")
+    rss = f", {dev.rss_bytes / 2**30:.2f} GiB resident at its last heartbeat" if dev.rss_bytes else ""
+    phase = dev.phase or "an unknown phase"
+    msg = (f"{w.device.name}: out of memory during {phase}: the kernel's OOM killer ended the worker "
+           f"({cap}{rss})")
+    state.set_status(w.device.name, "oom", f"out of memory during {phase} (kernel OOM kill)")
+    state.add_event(w.device.name, "oom", msg)
+    return True

@@ -96,9 +96,10 @@ def resumed_settings(run: PastRun, found: Found, *, parallelism: str | None = No
     """
     s = run.settings.settings()
     if parallelism is not None and parallelism != s.parallelism.value:
-        s.parallelism, s.stages = parallelism, None
+        s.parallelism, s.stages, s.dp_shares = parallelism, None, None
     if n_devices is not None and n_devices != len(run.devices):
         s.stages = None
+        s.dp_shares = None  # one share per device: the planner picks them for the new devices
     if steps is not None:
         s.steps = steps
     if found.manifest.step >= s.steps:

@@ -47,6 +47,13 @@ class DeviceRun:
     # per full parameter name: [local_count, full_count, sum, sum_of_squares] (``done``)
     param_moments: dict[str, list] | None = None
     done_at: float | None = None
+    # what caps its memory (``hello``): cgroup (physical), address-space (RLIMIT_AS), ...
+    mem_limit_bytes: int | None = None
+    mem_limit_kind: str | None = None
+    mem_cgroup: str | None = None      # "<version>:<dir>" of its memory cgroup, if one limits it
+    oom_kills: int | None = None       # that cgroup's OOM-kill count when the worker started
+    phase: str | None = None           # what it was doing at its last heartbeat
+    rss_bytes: int | None = None       # its resident memory then
 
 
 @dataclass
@@ -127,13 +134,18 @@ class RunState:
     def feed(self, rec: dict) -> None:
         """Apply one validated telemetry record."""
         dev = self.devices.get(rec["device"])
-        if dev is None or rec["type"] == "beat":  # heartbeats matter to the launcher only
+        if dev is None:
+            return
+        if rec["type"] == "beat":  # not logged: kept only for telling a kernel OOM kill
+            dev.phase, dev.rss_bytes = rec.get("phase") or dev.phase, rec.get("rss_bytes") or dev.rss_bytes
             return
         if self._log is not None:
             self._log.write(json.dumps(rec, separators=(",", ":")) + "\n")
         kind = rec["type"]
         if kind == "hello":
             dev.pid = rec.get("pid")
+            dev.mem_limit_bytes, dev.mem_limit_kind = rec.get("mem_limit_bytes"), rec.get("mem_limit_kind")
+            dev.mem_cgroup, dev.oom_kills = rec.get("mem_cgroup"), rec.get("oom_kills")
             self.set_status(dev.name, "starting")
         elif kind == "event":
             if rec.get("role"):
@@ -260,6 +272,8 @@ class RunState:
                 "energy_j": d.energy_j, "energy_source": d.energy_source, "energy_method": d.energy_method,
                 "peak_mem_bytes": d.peak_mem_bytes, "exit": d.exit, "message": d.message,
                 "param_digest": d.param_digest,
+                # provenance of the cap: physical (cgroup) or address space (RLIMIT_AS)
+                "mem_limit_bytes": d.mem_limit_bytes, "mem_limit_kind": d.mem_limit_kind,
             })
         lat = [p["latency_per_sample_s"] for p in per_dev if p["latency_per_sample_s"] is not None]
         self._attach_predictions(per_dev)

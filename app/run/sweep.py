@@ -20,7 +20,7 @@ from app.paths import default_runs_dir
 from app.planner.plan import Plan
 from app.planner.shape import UnknownModelError
 from app.run.jobs import prepare_run
-from app.run.launcher import LaunchError
+from app.run.launcher import Launcher, LaunchError
 from app.run.planning import plan_for_run
 from app.run.runstate import RunState
 from workers.config import PARALLELISMS, Parallelism, RunSettings, Schedule
@@ -61,6 +61,7 @@ class SweepCell:
     peak_mem_bytes: dict[str, int] = field(default_factory=dict)
     predicted: CellPrediction = field(default_factory=CellPrediction)
     message: str = ""
+    model: str = ""                  # '' = the sweep's settings' model (filled in when the cell runs)
 
 
 def _plan(inv: Inventory, names: list[str], settings: RunSettings) -> tuple[Plan | None, CellPrediction]:
@@ -86,26 +87,65 @@ def _fill(cell: SweepCell, state: RunState) -> None:
 
 
 def plan_cells(names: list[str], parallelisms: tuple[str, ...] | list[str], single: bool = True,
-               schedules: tuple[str, ...] = (Schedule.GPIPE.value,)) -> list[SweepCell]:
-    """The cells of a sweep: an optional one-device baseline, then each parallelism."""
-    cells = [SweepCell("single", "dp", names[:1])] if single else []
-    for p in parallelisms:
-        if Parallelism(p).pipelined and len(schedules) > 1:
-            cells += [SweepCell(f"{p}-{s}", p, list(names)) for s in schedules]
-        else:
-            cells.append(SweepCell(p, p, list(names)))
+               schedules: tuple[str, ...] = (Schedule.GPIPE.value,),
+               models: list[str] | tuple[str, ...] | None = None) -> list[SweepCell]:
+    """The cells of a sweep: for each model, an optional one-device baseline, then each
+    parallelism.
+
+    Parameters
+    ----------
+    names
+        The devices, in rank order (the baseline runs on the first).
+    parallelisms, schedules
+        What to compare; a pipelined parallelism gets one cell per schedule when there are
+        several.
+    single
+        Include the one-device baseline.
+    models
+        Presets to sweep, model-major (the paper's figures group by model); ``None``: the
+        sweep's settings' model only.
+    """
+    cells: list[SweepCell] = []
+    for model in models or [""]:
+        if single:
+            cells.append(SweepCell("single", "dp", names[:1], model=model))
+        for p in parallelisms:
+            if Parallelism(p).pipelined and len(schedules) > 1:
+                cells += [SweepCell(f"{p}-{s}", p, list(names), model=model) for s in schedules]
+            else:
+                cells.append(SweepCell(p, p, list(names), model=model))
     return cells
 
 
 async def run_sweep(inv: Inventory, names: list[str] | None, base: RunSettings, cells: list[SweepCell] | None = None,
-                    runs_dir: Path | None = None, on_cell: Callable[[SweepCell], None] | None = None) -> list[SweepCell]:
-    """Run the cells one after another on the same devices; returns them filled in."""
+                    runs_dir: Path | None = None, on_cell: Callable[[SweepCell], None] | None = None,
+                    on_start: Callable[[SweepCell, Launcher], None] | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> list[SweepCell]:
+    """Run the cells one after another on the same devices; returns them filled in.
+
+    Parameters
+    ----------
+    on_cell
+        Called with each cell once it has its outcome (on the loop's thread).
+    on_start
+        Called with each cell and its launcher just before the cell runs, so a front end
+        can show it and stop it (``launcher.request_stop`` on this loop).
+    should_stop
+        Asked before each cell; once true, the cells left are marked ``skipped`` (and
+        announced through ``on_cell``) instead of run.
+    """
     names = [d.name for d in inv.select(names)]
     cells = cells or plan_cells(names, PARALLELISMS)
     for cell in cells:
+        cell.model = cell.model or base.model
+        if should_stop is not None and should_stop():
+            cell.outcome, cell.message = "skipped", "the sweep was stopped before this cell"
+            if on_cell:
+                on_cell(cell)
+            continue
         schedule = cell.label.split("-", 1)[1] if "-" in cell.label and Parallelism(cell.parallelism).pipelined \
             else base.schedule
-        settings = replace(base, parallelism=cell.parallelism, schedule=schedule, stages=None)
+        settings = replace(base, model=cell.model, parallelism=cell.parallelism, schedule=schedule, stages=None)
         plan, cell.predicted = _plan(inv, cell.devices, settings)
         try:
             launcher, state = prepare_run(inv, cell.devices, settings, runs_dir,
@@ -115,6 +155,8 @@ async def run_sweep(inv: Inventory, names: list[str] | None, base: RunSettings, 
             if on_cell:
                 on_cell(cell)
             continue
+        if on_start:
+            on_start(cell, launcher)
         try:
             await launcher.run()
         except Exception as exc:  # noqa: BLE001 - one failed cell is a result; the sweep goes on
@@ -132,13 +174,17 @@ def _fmt(v: float | None, scale: float = 1.0, spec: str = ".3f") -> str:
 def write_report(cells: list[SweepCell], settings: RunSettings, out_dir: Path) -> Path:
     """Write ``report.md``, ``report.csv`` and ``sweep.json``; returns the markdown path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = next((c for c in cells if c.label == "single" and c.outcome == "done"), None)
+    models = list(dict.fromkeys(c.model or settings.model for c in cells)) or [settings.model]
+    # each model's own baseline: a ratio across models would compare different work
+    bases = {m: next((c for c in cells if c.label == "single" and c.outcome == "done"
+                      and (c.model or settings.model) == m), None) for m in models}
     rows = []
     for c in cells:
+        base = bases.get(c.model or settings.model)
         peak = max(c.peak_mem_bytes.values()) if c.peak_mem_bytes else None
         pred = c.predicted
         rows.append({
-            "cell": c.label, "devices": len(c.devices), "outcome": c.outcome,
+            "cell": c.label, "model": c.model or settings.model, "devices": len(c.devices), "outcome": c.outcome,
             "latency_ms_per_sample": _fmt(c.latency_per_sample_s, 1e3),
             "vs_single": _fmt(c.latency_per_sample_s / base.latency_per_sample_s, 1, ".2f")
             if base and c.latency_per_sample_s and base.latency_per_sample_s else "-",
@@ -158,10 +204,10 @@ def write_report(cells: list[SweepCell], settings: RunSettings, out_dir: Path) -
         w.writerows(rows)
     (out_dir / "sweep.json").write_text(json.dumps(
         {"settings": settings.to_dict(), "cells": [asdict(c) for c in cells]}, indent=1, default=str))
-    cols = ["cell", "devices", "outcome", "latency_ms_per_sample", "vs_single", "energy_j_per_sample",
+    cols = ["cell", "model", "devices", "outcome", "latency_ms_per_sample", "vs_single", "energy_j_per_sample",
             "energy_method", "throughput_sps", "max_peak_mem_mib", "predicted_latency_ms",
             "predicted_energy_j_per_sample", "predicted_oom", "note"]
-    lines = [f"# EdgeTrain sweep: {settings.model}, batch {settings.batch_size} x seq {settings.seq_len}, "
+    lines = [f"# EdgeTrain sweep: {', '.join(models)}, batch {settings.batch_size} x seq {settings.seq_len}, "
              f"{settings.steps} steps", "",
              f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}. Energy is labelled with how it was obtained "
              "(`estimated` = CPU-share power model, not a sensor).", "",
@@ -174,9 +220,11 @@ def write_report(cells: list[SweepCell], settings: RunSettings, out_dir: Path) -
 
 
 def sweep_dir(runs_dir: Path | None = None) -> Path:
+    """A new sweep's report directory: ``<runs dir>/sweep-<time>``."""
     return (runs_dir or default_runs_dir()) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def run_sweep_blocking(inv: Inventory, names: list[str] | None, base: RunSettings, cells: list[SweepCell],
                        runs_dir: Path | None = None, on_cell=None) -> list[SweepCell]:
+    """:func:`run_sweep` on a fresh asyncio loop (the CLI's)."""
     return asyncio.run(run_sweep(inv, names, base, cells, runs_dir, on_cell))

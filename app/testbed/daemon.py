@@ -134,7 +134,7 @@ def start_testbed(dir: str | os.PathLike[str] | None = None, n_devices: int | No
                   preset: str | None = None, base_addr: str = DEFAULT_BASE_ADDR,
                   port: int = DEFAULT_PORT, device_presets: Sequence[str] | None = None,
                   mem_overrides: Mapping[str | int, int | str | None] | int | str | None = None,
-                  threads: int | None = None, timeout: float = 15.0) -> TestbedInfo:
+                  threads: int | None = None, timeout: float = 15.0, cgroups: bool | None = None) -> TestbedInfo:
     """Start the testbed daemon in the background and wait until every device answers SSH.
 
     Parameters
@@ -149,6 +149,9 @@ def start_testbed(dir: str | os.PathLike[str] | None = None, n_devices: int | No
         SSH port on every address (0: a free port per device).
     timeout : float
         Seconds to wait for the devices.
+    cgroups : bool, optional
+        Real board limits (a cgroup per device: physical memory, CPU quota); None: when
+        running as root.  False caps address space (``RLIMIT_AS``) instead.
 
     Returns
     -------
@@ -181,6 +184,8 @@ def start_testbed(dir: str | os.PathLike[str] | None = None, n_devices: int | No
         argv += ["--device-presets", ",".join(device_presets)]
     if threads is not None:
         argv += ["--threads", str(threads)]
+    if cgroups is False:
+        argv += ["--no-cgroups"]
     argv += _mem_args(mem_overrides)
     log_path = d / "testbed.log"
     with open(log_path, "ab") as logf:
@@ -252,13 +257,13 @@ def testbed_status(dir: str | os.PathLike[str] | None = None,
     out = []
     for x in _info_from_state(d, state).devices:
         ok, detail = _probe(x.host, x.port, timeout)
-        out.append(DeviceStatus(x.name, x.host, x.port, x.preset, ok, detail))
+        out.append(DeviceStatus(x.name, x.host, x.port, x.preset, ok, detail, x.mem_cap, x.cpu_share))
     return out
 
 
 async def _serve(ns: argparse.Namespace) -> None:
     tb = Testbed(ns.dir, ns.devices, ns.preset, ns.base_addr, ns.port, ns.device_presets,
-                 _parse_mem_args(ns.mem), ns.threads)
+                 _parse_mem_args(ns.mem), ns.threads, cgroups=False if ns.no_cgroups else None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -300,11 +305,23 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--mem", action="append", metavar="DEVICE=SIZE",
                            help="memory cap override (device name, index or 'all'; 'none')")
             p.add_argument("--threads", type=int, default=None)
+            p.add_argument("--no-cgroups", action="store_true",
+                           help="cap memory with RLIMIT_AS even as root (no physical limit, no CPU quota)")
     return parser
 
 
 def _fmt_mem(n: int | None) -> str:
     return "no cap" if n is None else f"{n / 1024**3:.1f} GiB"
+
+
+def _fmt_cap(kind: str, n: int | None) -> str:
+    if n is None:
+        return "none"
+    return "physical, cgroup" if kind == "cgroup" else "address space, RLIMIT_AS: not root"
+
+
+def _fmt_cpu(share: float | None) -> str:
+    return f"  cpu {share:.2f} cores (cgroup quota)" if share else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -317,11 +334,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_serve(ns))
         elif ns.action == "up":
             info = start_testbed(ns.dir, ns.devices, ns.preset, ns.base_addr, ns.port,
-                                 ns.device_presets, _parse_mem_args(ns.mem), ns.threads)
+                                 ns.device_presets, _parse_mem_args(ns.mem), ns.threads,
+                                 cgroups=False if ns.no_cgroups else None)
             print(f"testbed up (pid {info.pid}) in {info.dir}")
             for x in info.devices:
                 print(f"  {x.name:<10} {x.host}:{x.port:<6} {x.preset:<12} "
-                      f"mem {_fmt_mem(x.mem_bytes):<8} threads {x.threads}")
+                      f"mem {_fmt_mem(x.mem_bytes):<8} ({_fmt_cap(x.mem_cap, x.mem_bytes)}) threads {x.threads}"
+                      f"{_fmt_cpu(x.cpu_share)}")
             print(f"inventory: {info.inventory_path}")
         elif ns.action == "down":
             print("testbed stopped" if stop_testbed(ns.dir) else "no testbed was running")
@@ -332,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
             for s in statuses:
                 print(f"  {s.name:<10} {s.host}:{s.port:<6} {s.preset:<12} "
-                      f"{'up' if s.reachable else 'DOWN'}  {s.detail}")
+                      f"{'up' if s.reachable else 'DOWN'}  memory: {s.mem_cap}{_fmt_cpu(s.cpu_share)}  {s.detail}")
             return 0 if all(s.reachable for s in statuses) else 1
     except (TestbedError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -7,17 +7,20 @@ list of presets) into one :class:`DeviceSpec` per device, and :func:`emulation_e
 :class:`app.testbed.server.EmulatedDevice` serves one device over SSH (see :mod:`app.testbed.local` for the
 behaviour); the testbed module runs several of them and manages their files.
 
-What is and is not emulated (no root needed, so no cgroups):
+What is emulated:
 
-* **Memory** is capped with ``RLIMIT_AS`` on each command's process, set in the child before
-  ``exec``. Exceeding it is a real allocation failure (``MemoryError`` in Python,
-  ``RuntimeError: ... can't allocate memory`` in torch). The limit is on *virtual* size, not
-  resident memory: ``import torch`` alone maps ~0.65 GB and a gloo rank ~1 GB, and every thread
-  stack counts, so a cap is stricter than the same amount of physical RAM on a board. The cap
-  is per process, not per device: two commands on one device each get the full cap.
-* **CPU** is not capped (no CPU quota without root cgroups). Each device gets a thread budget
-  (``OMP_NUM_THREADS``) so that the emulated devices together do not oversubscribe the host:
-  ``min(preset.threads, max(1, host_cpus // n_devices))`` unless overridden.
+* **Memory**, as root, is the board's physical RAM: a cgroup memory limit per device
+  (:mod:`app.testbed.cgroups`), shared by every command on the device; an overrun is a
+  kernel OOM kill, as on the board.  Without root it falls back to ``RLIMIT_AS`` on each
+  command's process: a real, catchable allocation failure, but on *virtual* size
+  (``import torch`` alone maps ~0.65 GB, a gloo rank ~1 GB), so stricter than the same RAM,
+  and per process.  ``testbed status`` and every run record say which kind was used.
+* **CPU speed**, as root, is a cgroup CPU quota that keeps the boards' relative speeds
+  (:attr:`app.boards.BoardPreset.cpu_gflops`): the fastest board of the testbed gets its fair
+  share of the host (host CPUs / devices), the others that share times their speed ratio.
+  Without root, speed is not emulated.  Each device also gets a thread budget
+  (``OMP_NUM_THREADS``): ``min(preset.threads, max(1, host_cpus // n_devices))`` unless
+  overridden.
 * **Power** figures are only exported to the command's environment for energy models.
 """
 
@@ -56,12 +59,15 @@ class DeviceSpec:
         Effective memory cap (preset value or override); None means no cap.
     threads : int
         Effective thread budget (``OMP_NUM_THREADS``).
+    cpu_share : float or None
+        CPU quota in host cores where cgroups are used (relative board speed); None: none.
     """
 
     name: str
     preset: BoardPreset
     mem_bytes: int | None
     threads: int
+    cpu_share: float | None = None
 
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -167,7 +173,9 @@ def plan_devices(
     if unknown:
         raise ValueError(f"memory override for unknown device(s) {unknown}; devices: {dev_names}")
 
-    share = max(1, (n_cpus or host_cpus()) // len(presets))
+    cpus = n_cpus or host_cpus()
+    share = max(1, cpus // len(presets))
+    fastest = max((p.cpu_gflops for p in presets), default=0.0)
     specs = []
     for i, (name, p) in enumerate(zip(dev_names, presets)):
         mem: int | str | None = p.mem_bytes
@@ -177,11 +185,13 @@ def plan_devices(
             mem = overrides[i]
         mem_b = None if mem is None else parse_size(mem)
         t = threads if threads is not None else min(p.threads or share, share)
-        specs.append(DeviceSpec(name, p, mem_b, max(1, t)))
+        # relative, not absolute: the fastest board gets its fair share of the host
+        cpu = cpus / len(presets) * p.cpu_gflops / fastest if p.cpu_gflops and fastest else None
+        specs.append(DeviceSpec(name, p, mem_b, max(1, t), cpu))
     return specs
 
 
-def emulation_env(spec: DeviceSpec) -> dict[str, str]:
+def emulation_env(spec: DeviceSpec, mem_kind: str = "address-space") -> dict[str, str]:
     """Environment variables that tell a command which board it runs on.
 
     ``EDGETRAIN_EMU_MEM_BYTES`` is ``"0"`` when there is no cap; the power figures are left
@@ -192,6 +202,7 @@ def emulation_env(spec: DeviceSpec) -> dict[str, str]:
     env = {
         "EDGETRAIN_EMU_PRESET": spec.preset.name,
         "EDGETRAIN_EMU_MEM_BYTES": str(spec.mem_bytes or 0),
+        "EDGETRAIN_EMU_MEM_KIND": mem_kind if spec.mem_bytes else "none",
         "EDGETRAIN_EMU_THREADS": t,
         "EDGETRAIN_EMU_P_IDLE_W": repr(spec.preset.p_idle_w),
         "EDGETRAIN_EMU_P_MAX_W": repr(spec.preset.p_max_w),

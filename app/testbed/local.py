@@ -40,6 +40,7 @@ import asyncssh
 import psutil
 import yaml
 
+from app.testbed import cgroups as cgroup_limits
 from app.testbed.emulation import TestbedError, plan_devices
 from app.testbed.server import EmulatedDevice
 
@@ -61,6 +62,8 @@ class DeviceInfo:
     threads: int
     home: Path
     host_key: Path
+    mem_cap: str = "address-space"     # what enforces mem_bytes: "cgroup" (physical) or "address-space"
+    cpu_share: float | None = None     # CPU quota in host cores (cgroup), None: not capped
 
 
 @dataclass
@@ -89,6 +92,8 @@ class DeviceStatus:
     preset: str
     reachable: bool
     detail: str = ""
+    mem_cap: str = "address-space"
+    cpu_share: float | None = None
 
 
 def default_testbed_dir() -> Path:
@@ -229,8 +234,10 @@ class Testbed:
                  preset: str | None = None, base_addr: str = DEFAULT_BASE_ADDR,
                  port: int = DEFAULT_PORT, device_presets: Sequence[str] | None = None,
                  mem_overrides: Mapping[str | int, int | str | None] | int | str | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, cgroups: bool | None = None) -> None:
         self.dir = resolve_dir(dir)
+        # real board limits as root (None: when possible), else address-space caps
+        self.use_cgroups = cgroups if cgroups is not None else cgroup_limits.unavailable_reason() is None
         self.specs = plan_devices(n_devices, preset, device_presets, mem_overrides, threads)
         self.addresses = device_addresses(base_addr, len(self.specs))
         self.port = port
@@ -275,7 +282,7 @@ class Testbed:
                 (ddir / "home").mkdir(parents=True, exist_ok=True)
                 key = _load_or_create_key(ddir / "host_key", f"{spec.name}@edgetrain-testbed")
                 dev = EmulatedDevice(spec, addr, ddir / "home", key, user, authorized,
-                                     self._tracker.add)
+                                     self._tracker.add, cgroup=self._cgroup(spec))
                 await dev.listen(self.port)
                 self._devices.append(dev)
         except BaseException:
@@ -283,11 +290,21 @@ class Testbed:
             raise
         self.devices = [
             DeviceInfo(d.spec.name, d.host, d.port, d.spec.preset.name, d.spec.mem_bytes,
-                       d.spec.threads, d.home, d.home.parent / "host_key")
+                       d.spec.threads, d.home, d.home.parent / "host_key", d.mem_kind,
+                       d.spec.cpu_share if d.cgroup is not None else None)
             for d in self._devices]
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self._write_files()
         log.info("testbed up: %s", ", ".join(f"{d.name}={d.host}:{d.port}" for d in self.devices))
+
+    def _cgroup(self, spec) -> cgroup_limits.DeviceCgroup | None:
+        if not self.use_cgroups:
+            return None
+        try:
+            return cgroup_limits.create(self.dir, spec.name, spec.mem_bytes, spec.cpu_share)
+        except OSError as exc:
+            log.warning("%s: no cgroup limits (%s); capping address space instead", spec.name, exc)
+            return None
 
     def _write_files(self) -> None:
         lines = []
@@ -300,7 +317,9 @@ class Testbed:
             "devices": [{
                 "name": d.name, "host": d.host, "port": d.port, "user": getpass.getuser(),
                 "key": self.client_key_path.name, "python": sys.executable,
-                "labels": {"preset": d.preset, "testbed": "local"},
+                # the planner reads what the cap means (physical or address space) and the speed
+                "labels": {"preset": d.preset, "testbed": "local", "mem_cap": d.mem_cap,
+                           **({"cpu_share": f"{d.cpu_share:.4g}"} if d.cpu_share else {})},
             } for d in self.devices],
             "known_hosts": self.known_hosts_path.name,
         }
@@ -316,5 +335,7 @@ class Testbed:
         await asyncio.sleep(0.05)
         for dev in self._devices:
             await dev.close()
+        if any(dev.cgroup is not None for dev in self._devices):
+            await asyncio.to_thread(cgroup_limits.remove, self.dir)
         self._devices.clear()
         self._tracker.path.unlink(missing_ok=True)

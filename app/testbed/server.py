@@ -22,6 +22,7 @@ import asyncssh
 from asyncssh.sftp import MIN_SFTP_VERSION
 from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
+from app.testbed.cgroups import DeviceCgroup, joiner
 from app.testbed.emulation import DeviceSpec, TestbedError, emulation_env, log, make_preexec
 
 # ---------------------------------------------------------------- the device's SSH endpoint
@@ -117,11 +118,15 @@ class EmulatedDevice:
     on_command : callable, optional
         Called as ``on_command(pid, start_time, device_name)`` for every command started, so
         the owner can kill the command's session later.
+    cgroup : DeviceCgroup, optional
+        The device's cgroup (physical memory and CPU quota): every command joins it before
+        ``exec``.  Without one, memory is capped with ``RLIMIT_AS`` per command.
     """
 
     def __init__(self, spec: DeviceSpec, host: str, home: Path, host_key: asyncssh.SSHKey,
                  user: str, authorized: asyncssh.SSHAuthorizedKeys,
-                 on_command: Callable[[int, float, str], None] | None = None) -> None:
+                 on_command: Callable[[int, float, str], None] | None = None,
+                 cgroup: DeviceCgroup | None = None) -> None:
         self.spec = spec
         self.host = host
         self.home = home
@@ -132,9 +137,11 @@ class EmulatedDevice:
         self.port = 0
         self.acceptor: asyncssh.SSHAcceptor | None = None
         self.conns: set[asyncssh.SSHServerConnection] = set()
-        self.preexec = make_preexec(spec.mem_bytes)
+        self.cgroup = cgroup
+        self.mem_kind = "cgroup" if cgroup is not None else "address-space"
+        self.preexec = joiner(cgroup) if cgroup is not None else make_preexec(spec.mem_bytes)
         self.base_env = dict(os.environ)
-        self.base_env.update(emulation_env(spec))
+        self.base_env.update(emulation_env(spec, self.mem_kind))
         self.base_env.update({
             "HOME": str(home), "PWD": str(home), "USER": user, "LOGNAME": user,
             "SHELL": "/bin/sh", "EDGETRAIN_DEVICE": spec.name, "EDGETRAIN_DEVICE_ADDR": host,

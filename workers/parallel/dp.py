@@ -5,6 +5,11 @@ For k-1 iterations gradients accumulate locally under ``no_sync``; on the k-th t
 backward all-reduces them (DDP) and the optimizer steps.  The optimizer never steps
 inside ``no_sync`` (replicas would drift, see FEASIBILITY.md).  The result equals one
 device accumulating gradients over the same k global batches.
+
+Memory knobs: ``dp_shares`` gives each rank its share of the global batch (a slower or
+smaller device takes fewer rows; the loss scaling below keeps unequal slices exact), and
+``grad_accumulation`` runs each slice in that many micro-batches, all but the last under
+``no_sync``, so peak activations shrink and the step is unchanged.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config import JobConfig
-from ..engine import EvalCounts, StepResult, Trainer, eval_counts, make_optimizer, rank_slice
+from ..engine import EvalCounts, StepResult, Trainer, autocast, eval_counts, make_optimizer, rank_slice
 
 
 class DataParallel(Trainer):
@@ -30,31 +35,44 @@ class DataParallel(Trainer):
         self.device = device
         self._pending = 0  # iterations accumulated since the last optimizer step
         self.group = None  # the replicas' process group (None: the default one, until regroup)
+        # each rank's share of the global batch (None: equal); checked against the batch now
+        self.shares = list(cfg.dp_shares) if cfg.dp_shares else None
+        rank_slice(cfg.batch_size, rank, self.world, self.shares)
 
     def train_step(self, it: int, ids: torch.Tensor, labels: torch.Tensor) -> StepResult:
-        sl = rank_slice(ids.shape[0], self.rank, self.world)
+        sl = rank_slice(ids.shape[0], self.rank, self.world, self.shares)
         x, y = ids[sl].to(self.device), labels[sl].to(self.device)
         k = self.cfg.sync_every
         sync = (it + 1) % k == 0 or it + 1 == self.cfg.steps
         # Sum-reduced loss scaled so DDP's mean over ranks gives the global-batch mean
         # even when ranks get unequal slices; /k turns k iterations into one average.
+        # The same factor on every micro-batch: their gradients add up to the slice's.
         scale = self.world / (ids.shape[0] * k)
-        ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
-        with ctx:
-            self.phase = "forward"
-            logits = self.ddp(x)
-            loss_sum = F.cross_entropy(logits, y, reduction="sum")
-            self.phase = "backward"
-            (loss_sum * scale).backward()
+        # grad_accumulation: the slice in g near-equal micro-batches (fewer when the slice
+        # has fewer rows than g: one row each is the smallest there is)
+        n = x.shape[0]
+        g = max(1, min(self.cfg.grad_accumulation, n))
+        loss_total = 0.0
+        for j in range(g):
+            part = rank_slice(n, j, g)
+            # only the last micro-batch of a syncing iteration all-reduces; the others
+            # accumulate locally (the optimizer never steps inside no_sync)
+            last = sync and j == g - 1
+            with contextlib.nullcontext() if last else self.ddp.no_sync():
+                self.phase = "forward"
+                with autocast(self.cfg, self.device):
+                    logits = self.ddp(x[part])
+                loss_sum = F.cross_entropy(logits.float(), y[part], reduction="sum")
+                self.phase = "backward"
+                (loss_sum * scale).backward()
+            loss_total += float(loss_sum.detach())
         self._pending += 1
         if sync:
             self.phase = "optimizer"
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self._pending = 0
-        n = max(1, x.shape[0])
-        return StepResult(loss=float(loss_sum.detach()) / n, samples=ids.shape[0], local_samples=x.shape[0],
-                          synced=sync)
+        return StepResult(loss=loss_total / max(1, n), samples=ids.shape[0], local_samples=n, synced=sync)
 
     def full_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu() for n, p in self.module.named_parameters()}
@@ -67,6 +85,11 @@ class DataParallel(Trainer):
         module and optimizer under a new DDP; gradients in flight are dropped (the loop
         repeats the iterations since the last sync)."""
         self.opt.zero_grad(set_to_none=True)
+        if self.shares is not None and len(self.shares) != world:
+            # Devices only leave: a smaller world no longer matches the planned shares
+            # (whose device is gone, and the survivors' speeds were planned for another
+            # split), so the survivors fall back to equal shares.
+            self.shares = None
         self.rank, self.world = rank, world
         self.role = f"replica {rank}"
         dev = self.device
@@ -80,8 +103,10 @@ class DataParallel(Trainer):
         # set its reducer up for a backward, and evaluation wants neither.  Replicas hold
         # identical parameters, so each rank's module is the model.
         self.phase = "eval"
-        sl = rank_slice(ids.shape[0], self.rank, self.world)
-        part = eval_counts(self.module(ids[sl].to(self.device)), labels[sl])
+        sl = rank_slice(ids.shape[0], self.rank, self.world, self.shares)
+        with autocast(self.cfg, self.device):
+            logits = self.module(ids[sl].to(self.device))
+        part = eval_counts(logits, labels[sl])
         # One all-reduce of three numbers; float64 keeps the counts exact.
         buf = torch.tensor(part, dtype=torch.float64, device=self.device)
         dist.all_reduce(buf, group=self.group)

@@ -32,6 +32,8 @@ embedding/head tie can cross stages (asserted on the HF model at build).
 """
 from __future__ import annotations
 
+import contextlib
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,7 +44,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from ..config import JobConfig
-from ..engine import EvalCounts, StepResult, Trainer, eval_counts, make_optimizer
+from ..engine import EvalCounts, StepResult, Trainer, autocast, eval_counts, make_optimizer
 
 _SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -135,19 +137,25 @@ class StageModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, a: int, b: int, first: bool, last: bool,
-                 on_phase: Callable[[str], None] | None = None) -> None:
+                 on_phase: Callable[[str], None] | None = None,
+                 precision: Callable[[], AbstractContextManager] | None = None) -> None:
         super().__init__()
         self.embed = model.embed if first else None
         self.blocks = nn.ModuleList(model.blocks[a:b])
         self.head = model.head if last else None
         self._on_phase = on_phase or (lambda phase: None)
+        self._precision = precision or contextlib.nullcontext
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._on_phase("forward")
-        h = self.embed(x) if self.embed is not None else x
-        for block in self.blocks:
-            h = block(h)
-        out = self.head(h) if self.head is not None else h
+        with self._precision():
+            h = self.embed(x) if self.embed is not None else x
+            for block in self.blocks:
+                h = block(h)
+            out = self.head(h) if self.head is not None else h
+        # fp32 between stages and into the loss whatever the autocast computed: the
+        # stages' receive buffers and the loss see one dtype (a no-op without autocast)
+        out = out.float()
         if out.requires_grad:
             out.register_hook(lambda grad: self._on_phase("backward"))
         return out
@@ -186,8 +194,8 @@ class PipelineParallel(Trainer):
         self.phase = "load"
         self._keep_only_own_parts(model)
         full_names = {id(p): n for n, p in model.named_parameters()}
-        self.module = StageModule(model, *lay.layers, lay.first, lay.last,
-                                  on_phase=self._set_phase).to(device)
+        self.module = StageModule(model, *lay.layers, lay.first, lay.last, on_phase=self._set_phase,
+                                  precision=lambda: autocast(cfg, device)).to(device)
         self._names = {n: full_names[id(p)] for n, p in self.module.named_parameters()}
         group = self._pipeline_group()
         self.stage = PipelineStage(self.module, lay.stage, lay.n_stages, device, group=group)

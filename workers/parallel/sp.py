@@ -44,9 +44,10 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..config import JobConfig
-from ..engine import EvalCounts, StepResult, Trainer, eval_counts, make_optimizer, rank_slice
+from ..engine import EvalCounts, StepResult, Trainer, autocast, eval_counts, make_optimizer, rank_slice
 from ._attention import LAYER_FORWARDS, Gather, make_chunk
 
 try:  # torch >= 2.13 renamed it; the old name warns on every call
@@ -131,18 +132,32 @@ class SequenceParallel(Trainer):
 
         return sl, gather
 
+    def _layers(self, x: torch.Tensor, start: int, chunk) -> torch.Tensor:
+        """Embed this rank's chunk and run it through every layer (K/V all-gathers inside).
+
+        With activation checkpointing each layer is recomputed in backward, all-gathers
+        included: every rank runs backward through the layers in the same order, so the
+        recomputed collectives pair up as the forward's did."""
+        hidden = self.model.embed(x, position_offset=start)
+        for block in self.model.blocks:
+            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+                hidden = checkpoint(self.layer_forward, block.inner, hidden, chunk, use_reentrant=False)
+            else:
+                hidden = self.layer_forward(block.inner, hidden, chunk)
+        return hidden
+
     def train_step(self, it: int, ids: torch.Tensor, labels: torch.Tensor) -> StepResult:
         seq = ids.shape[1]
         sl, gather = self._gather(seq)
         x = ids[:, sl].to(self.device)
         chunk = make_chunk(sl.start, sl.stop - sl.start, seq, self.model.causal, gather, self.device)
         self.phase = "forward"
-        hidden = self.model.embed(x, position_offset=sl.start)
-        for block in self.model.blocks:
-            hidden = self.layer_forward(block.inner, hidden, chunk)
+        with autocast(self.cfg, self.device):
+            hidden = self._layers(x, sl.start, chunk)
+            logits = self.model.head(hidden) if self.rank == self.owner else None
         self.phase = "backward"
-        if self.rank == self.owner:
-            loss = F.cross_entropy(self.model.head(hidden), labels.to(self.device))
+        if logits is not None:
+            loss = F.cross_entropy(logits.float(), labels.to(self.device))
             loss.backward()
             loss_buf = loss.detach().reshape(1)
         else:
@@ -173,13 +188,13 @@ class SequenceParallel(Trainer):
         seq = ids.shape[1]
         sl, gather = self._gather(seq)
         chunk = make_chunk(sl.start, sl.stop - sl.start, seq, self.model.causal, gather, self.device)
-        hidden = self.model.embed(ids[:, sl].to(self.device), position_offset=sl.start)
-        for block in self.model.blocks:
-            hidden = self.layer_forward(block.inner, hidden, chunk)
+        with autocast(self.cfg, self.device):
+            hidden = self._layers(ids[:, sl].to(self.device), sl.start, chunk)
+            logits = self.model.head(hidden) if self.rank == self.owner else None
         # Only the rank holding the pooled position has logits; one all-reduce of three
         # numbers (zeros elsewhere) gives every rank the counts, as every rank reports
         # the training loss.
-        part = eval_counts(self.model.head(hidden), labels) if self.rank == self.owner else (0.0, 0, 0)
+        part = eval_counts(logits, labels) if logits is not None else (0.0, 0, 0)
         buf = torch.tensor(part, dtype=torch.float64, device=self.device)
         dist.all_reduce(buf)
         loss_sum, correct, samples = buf.tolist()

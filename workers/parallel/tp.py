@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from ..config import JobConfig
-from ..engine import EvalCounts, StepResult, Trainer, eval_counts, loss_fn, make_optimizer
+from ..engine import EvalCounts, StepResult, Trainer, autocast, eval_counts, loss_fn, make_optimizer
 from ..materialise import TensorReader, materialise
 from ..memory import release_freed_memory
 
@@ -156,7 +156,9 @@ class TensorParallel(Trainer):
     def train_step(self, it: int, ids: torch.Tensor, labels: torch.Tensor) -> StepResult:
         x, y = ids.to(self.device), labels.to(self.device)
         self.phase = "forward"
-        loss = loss_fn(self.model(x), y)
+        with autocast(self.cfg, self.device):
+            logits = self.model(x)
+        loss = loss_fn(logits.float(), y)
         self.phase = "backward"
         loss.backward()
         self.phase = "optimizer"
@@ -207,7 +209,9 @@ class TensorParallel(Trainer):
         # The sharded layers' all-reduces leave every rank with the same replicated
         # logits (as in training), so each rank counts the whole batch itself.
         self.phase = "eval"
-        return eval_counts(self.model(ids.to(self.device)), labels)
+        with autocast(self.cfg, self.device):
+            logits = self.model(ids.to(self.device))
+        return eval_counts(logits, labels)
 
 
 def model_parts(cfg: JobConfig, rank: int) -> list:
