@@ -32,3 +32,25 @@ def test_a_second_loss_after_resuming_is_a_second_incident_and_an_unfinished_one
 def test_a_replan_or_resume_without_a_failure_is_no_incident():
     # a user's resume of a stopped run re-plans and resumes, but nothing was lost
     assert recovery_timeline([ev(1, "replan"), ev(2, "resumed"), ev(3, "info")]) == []
+
+
+def test_the_cli_summary_prints_the_timeline_from_the_run_state():
+    import io
+    import time
+
+    from app.cli.run import print_summary
+    from app.run.runstate import RunState
+
+    state = RunState("r1", ["dev0", "dev1", "dev2"], {"settings": {"steps": 4}})
+    state.add_event("dev2", "drill", "drill: kill the worker of device 'dev2'")
+    state.add_event("dev2", "lost", "device 'dev2' lost")
+    state.add_event(None, "replan", "re-planned for 2 devices")
+    state.feed({"type": "event", "device": "dev0", "name": "regrouped", "message": "continuing"})
+    time.sleep(0.05)
+    state.feed({"type": "step", "device": "dev0", "step": 3, "samples": 8, "latency_s": 0.1,
+                "latency_per_sample_s": 0.01})
+    assert [e.kind for e in state.events][-1] == "resumed"   # the first step after the re-form
+    out = io.StringIO()
+    print_summary(state, out=out)
+    line = next(ln for ln in out.getvalue().splitlines() if ln.startswith("recovery:"))
+    assert line.startswith("recovery: dev2: failure → detected +") and "→ resumed +" in line
