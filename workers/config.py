@@ -113,8 +113,9 @@ class RunSettings:
         Recompute each transformer block's activations in the backward pass instead of
         keeping them (less memory, about a third more compute).
     grad_accumulation
-        DP: each replica runs its slice of the batch in this many micro-batches,
-        accumulating gradients (the step is unchanged; peak activations shrink).
+        DP and TP: each rank runs its part of the batch (DP: its slice; TP: the whole
+        batch) in this many micro-batches, accumulating gradients (the step is unchanged;
+        peak activations shrink).
     dp_shares
         DP: each rank's share of the global batch, in rank order (they are normalised);
         ``None``: equal shares.  The planner picks shares proportional to device speed.
@@ -165,8 +166,8 @@ class RunSettings:
         world_size
             The run's ranks, when known: DP's ``dp_shares`` needs one share per rank, and
             every rank at least one row of ``batch_size`` (:func:`share_bounds`).
-            ``dp_shares`` and ``grad_accumulation`` only act on DP; other parallelisms
-            ignore them (the GUI keeps a planner's shares when the parallelism changes).
+            ``dp_shares`` only acts on DP and ``grad_accumulation`` on DP and TP; other
+            parallelisms ignore them (the GUI keeps a planner's shares when the parallelism changes).
 
         Raises
         ------

@@ -270,7 +270,10 @@ def eval_tp(shape: ModelShape, st: RunSettings, specs: list[DeviceSpec], links: 
     tokens = st.batch_size * st.seq_len
     flops = (knobs.block_flops_factor(st) * shape.n_layer * shape.block_fwd_flops(tokens, st.seq_len) / w
              + 3 * (shape.embed_fwd_flops(tokens) + shape.head_fwd_flops(st.batch_size)))
-    kept, transient, produced = knobs.activation_bytes(shape, st, tokens, shape.n_layer, True, True, tp=w)
+    # gradient accumulation runs the batch in g chunks: one chunk's activations at a time
+    g = min(knobs.accumulation(st), st.batch_size)
+    kept, transient, _ = knobs.activation_bytes(shape, st, tokens / g, shape.n_layer, True, True, tp=w)
+    produced = knobs.activation_bytes(shape, st, tokens, shape.n_layer, True, True, tp=w)[2]
     msg = tokens * h * FP32
     # two all-reduces per block forward, two backward; a checkpointed block's recompute
     # runs its forward (and its two all-reduces) again
@@ -287,7 +290,7 @@ def eval_tp(shape: ModelShape, st: RunSettings, specs: list[DeviceSpec], links: 
                       act_bytes_per_step=produced, family=shape.family, flops_per_step=flops,
                       embed_grad_bytes=embed_bytes(shape),
                       tp_modules=shape.n_layer * _TP_LINEARS.get(shape.family, 6),
-                      block_passes=shape.n_layer, micro_steps=1, peers=w - 1, store=r == 0 and w > 1,
+                      block_passes=shape.n_layer, micro_steps=g, peers=w - 1, store=r == 0 and w > 1,
                       **weights_and_state(shape, st, params, shape.n_layer, True, True, tp=w))
              for r in range(w)]
     costs = [cm.rank_cost(ld, s, cal) for ld, s in zip(loads, specs)]

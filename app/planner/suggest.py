@@ -60,6 +60,10 @@ def _structure(par: Parallelism, st: RunSettings, n_devices: int) -> list[dict[s
             largest = max(knobs.share_counts(st.batch_size, st.dp_shares, n_devices))
         g0 = knobs.accumulation(st)
         out += [{"grad_accumulation": g} for g in (2, 4, 8, 16, 32, 64) if g0 < g <= largest]
+    elif par == Parallelism.TP:
+        # every shard runs the whole batch: chunks of it cut the activations
+        g0 = knobs.accumulation(st)
+        out += [{"grad_accumulation": g} for g in (2, 4, 8, 16, 32, 64) if g0 < g <= st.batch_size]
     return out
 
 

@@ -154,18 +154,26 @@ class TensorParallel(Trainer):
             inner.attention.n_heads = heads
 
     def train_step(self, it: int, ids: torch.Tensor, labels: torch.Tensor) -> StepResult:
-        x, y = ids.to(self.device), labels.to(self.device)
-        self.phase = "forward"
-        with autocast(self.cfg, self.device):
-            logits = self.model(x)
-        loss = loss_fn(logits.float(), y)
-        self.phase = "backward"
-        loss.backward()
+        # every shard sees the whole batch, so activations are TP's memory peak: with
+        # ``grad_accumulation`` g the batch runs in g chunks whose gradients add up to the
+        # whole batch's (each chunk's summed loss over the batch size)
+        n = ids.shape[0]
+        g = max(1, min(self.cfg.grad_accumulation, n))
+        total = 0.0
+        for a, b in zip([n * i // g for i in range(g)], [n * (i + 1) // g for i in range(g)]):
+            x, y = ids[a:b].to(self.device), labels[a:b].to(self.device)
+            self.phase = "forward"
+            with autocast(self.cfg, self.device):
+                logits = self.model(x)
+            loss = loss_fn(logits.float(), y) if g == 1 else \
+                torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum") / n
+            self.phase = "backward"
+            loss.backward()
+            total += float(loss.detach())
         self.phase = "optimizer"
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return StepResult(loss=float(loss.detach()), samples=ids.shape[0], local_samples=ids.shape[0],
-                          synced=True)
+        return StepResult(loss=total, samples=ids.shape[0], local_samples=ids.shape[0], synced=True)
 
     def local_state(self) -> dict[str, torch.Tensor]:
         # full_state() would all-gather the whole model onto every rank: exactly what a
