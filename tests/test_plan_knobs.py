@@ -13,7 +13,7 @@ from app.planner.costmodel import GIB, DeviceSpec
 from app.planner.links import Links
 from app.planner.plan import Plan, compare, make_plan
 from app.planner.shape import resolve_model
-from app.planner.suggest import apply_suggestion
+from app.planner.suggest import SUGGEST_HEADROOM, apply_suggestion
 from workers.config import RunSettings
 
 FREE = [DeviceSpec("a", 200.0, None)]  # no memory limit: nothing OOMs, nothing is searched
@@ -188,9 +188,9 @@ def test_gpt2l_on_four_nanos_pp_fits_with_knobs():
     assert plan.oom and plan.suggestion and plan.suggestion["fits"]
     sug = plan.suggestion
     assert sug["changes"].get("schedule") == "1f1b" and sug["changes"]["micro_batches"] > st.micro_batches
-    assert "optimizer" not in sug["changes"]  # the maths stays: time-only knobs suffice
     assert sug["text"].startswith("PP with 1F1B") and "GiB on nano" in sug["text"]
-    assert sug["need_bytes"] <= sug["limit_bytes"] == 4 * GIB
+    # a suggestion leaves headroom for the planner's error (a 3.8-of-4 GiB one was OOM-killed)
+    assert sug["need_bytes"] <= (1 - SUGGEST_HEADROOM) * sug["limit_bytes"] and sug["limit_bytes"] == 4 * GIB
     fixed = apply_suggestion(st, plan)
     again = make_plan("gpt2-l", "pp", _nanos(), settings=fixed)
     assert again.feasible and not again.oom and again.suggestion is None
