@@ -176,6 +176,10 @@ async def attribute_oom(w: "_Worker", state) -> bool:
     On a yes, the device is marked ``oom`` with the phase and memory of its last
     heartbeat, so the run reports an out-of-memory naming the device, not a crash."""
     dev = state.devices[w.device.name]
+    if not (dev.mem_cgroup or dev.mem_limit_bytes):
+        # nothing caps its memory: no OOM to tell from a person's kill -9, and no round trip
+        # to delay the verdict (its peers' failures would be reported first)
+        return False
     version, _, cg = (dev.mem_cgroup or "").partition(":")
     name = "memory.oom_control" if version == "cgroup1" else "memory.events"
     cmd = (f"cat {shlex.quote(cg + '/' + name)} 2>/dev/null | grep '^oom_kill '; " if cg else "") + \
