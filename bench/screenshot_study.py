@@ -23,15 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def wait_until(app, pred, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        app.processEvents()
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
+from bench.screenshot_main import wait_until  # noqa: E402  (one event-pumping wait for both scripts)
 
 
 def main() -> int:
