@@ -72,6 +72,11 @@ OOM_CELLS = [
     ("distilbert", "dp", ["jetson-nano"] * 2, "2G", 8),
     ("distilbert", "dp", ["jetson-nano"] * 2, "3G", 8),
     ("gpt2-l", "pp", ["jetson-nano", "jetson-nano", "jetson-tx2", "jetson-nx"], None, 8),
+    # near the line for physical memory (cgroup caps), where the cells above are far from it
+    ("tiny-gpt2", "dp", ["jetson-nano"] * 2, "0.4G", 128),
+    ("tiny-gpt2", "dp", ["jetson-nano"] * 2, "0.6G", 128),
+    ("distilbert", "dp", ["jetson-nano"] * 2, "1.2G", 8),
+    ("gpt2-s", "pp", ["jetson-nano"] * 2, "1.5G", 16),
 ]
 
 
@@ -132,12 +137,26 @@ def _emulation_env(e: Any) -> tuple[dict[str, str], Any]:
                 "OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t, "OPENBLAS_NUM_THREADS": t}, None
 
 
-def planner_specs(emu: list[Any], gflops: float, n_cpus: int) -> list[DeviceSpec]:
-    """What ``plan_inputs.specs_for_devices`` gives for these testbed devices."""
+def physical_caps(direct: bool) -> bool:
+    """Whether a capped testbed device's cap is physical memory (a cgroup limit: as root
+    with writable controllers) rather than address space (``RLIMIT_AS``, and always for
+    ``--direct``, which starts processes under ``RLIMIT_AS`` only)."""
+    if direct:
+        return False
+    try:
+        from app.testbed.cgroups import unavailable_reason
+    except ImportError:
+        return False
+    return unavailable_reason() is None
+
+
+def planner_specs(emu: list[Any], gflops: float, n_cpus: int, physical: bool = False) -> list[DeviceSpec]:
+    """What ``plan_inputs.specs_for_devices`` gives for these testbed devices (memory only:
+    the CPU quota of a cgroup testbed slows every cell alike and is not what this bench is for)."""
     from app.planner.costmodel import spec_from_preset
     specs = [spec_from_preset(e.name, e.preset, threads=e.threads, gflops_per_thread=gflops) for e in emu]
     for s, e in zip(specs, emu):
-        s.mem_bytes, s.mem_is_virtual = e.mem_bytes, e.mem_bytes is not None
+        s.mem_bytes, s.mem_is_virtual = e.mem_bytes, e.mem_bytes is not None and not physical
     busy = sum(s.threads for s in specs)
     if busy > n_cpus:  # devices on one host share its cores
         for s in specs:
@@ -232,7 +251,8 @@ def run_cell(model: str, par: str, presets: list[str], caps: str | None, batch: 
     gflops = args.gflops or host_gflops_per_thread()
     emu = emulated(presets, caps)
     n_cpus = os.cpu_count() or 1
-    specs = planner_specs(emu, gflops, n_cpus)
+    physical = physical_caps(args.direct)
+    specs = planner_specs(emu, gflops, n_cpus, physical)
     links = Links(**TESTBED_LINK)
     cfg = dict(model=model, parallelism=par, batch_size=batch, seq_len=32, micro_batches=4,
                sync_every=sync_every, steps=steps, timeout_s=120.0)
@@ -250,7 +270,8 @@ def run_cell(model: str, par: str, presets: list[str], caps: str | None, batch: 
     mean = {n: statistics.mean(d.latencies[1:] or d.latencies) for n, d in devs.items() if d.latencies}
     return {
         "model": model, "parallelism": par, "presets": presets, "caps": caps or "preset", "batch_size": batch,
-        "steps": steps, "outcome": state.outcome, "wall_s": time.monotonic() - t0, "gflops_per_thread": gflops,
+        "steps": steps, "outcome": state.outcome, "cap_kind": "cgroup" if physical else "address-space",
+        "wall_s": time.monotonic() - t0, "gflops_per_thread": gflops,
         "run_dir": str(state.run_dir), "stages": plan.stages, "explanation": plan.explanation,
         "pred_latency_per_sample_s": plan.totals.get("median_latency_per_sample_s"),
         "meas_latency_per_sample_s": max(med.values()) if med else None,
@@ -323,12 +344,21 @@ def oom_check(args: argparse.Namespace, work: Path) -> list[dict]:
                             if m["margin"] is not None)
         pred_ph = {m["device"]: m["oom_phase"] for m in res["memory"] if m["oom"]}
         phases = "; ".join(f"{d}: {pred_ph.get(d, '-')}/{ph}" for d, ph in res["oom_phases"].items())
-        print(f"{model:<10} {par:<6} b{batch:<4} caps {res['caps']:<7} predicted "
+        mem = " ".join(f"{m['device']} {m['pred_peak_rss'] / 2**20:.0f}/{m['meas_peak_rss'] / 2**20:.0f}M"
+                       f"({_pct(_err(m['pred_peak_rss'], m['meas_peak_rss']))})" for m in res["memory"]
+                       if res["outcome"] == "done")
+        print(f"{model:<10} {par:<6} b{batch:<4} caps {res['caps']:<7} {res['cap_kind']:<13} predicted "
               f"{'OOM' if res['pred_oom'] else 'safe':<4} ran {res['outcome'] or '-':<7} "
               f"{'MATCH' if res['pred_oom'] == res['meas_oom'] else 'MISMATCH'}  margins {margins}"
-              + (f"  phase pred/ran {phases}" if phases else ""), flush=True)
+              + (f"  phase pred/ran {phases}" if phases else "") + (f"  rss pred/meas {mem}" if mem else ""),
+              flush=True)
     agree = sum(r["pred_oom"] == r["meas_oom"] for r in results)
     print(f"\nOOM prediction matched {agree}/{len(results)} cells")
+    errs = [abs(e) for r in results if r["outcome"] == "done" for m in r["memory"]
+            for e in [_err(m["pred_peak_rss"], m["meas_peak_rss"])] if e is not None]
+    if errs:
+        print(f"peak memory (RSS) on the cells that ran: median |error| {100 * statistics.median(errs):.1f}% "
+              f"(max {100 * max(errs):.0f}%, {len(errs)} devices)")
     return results
 
 

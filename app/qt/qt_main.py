@@ -33,6 +33,7 @@ from .qt_drill import QtDrill
 from .qt_file_actions import QtFileActions
 from .qt_history import QtRunHistory, QtRunViewer, apply_plan_references
 from .qt_plan import QtPlanner, QtPlanView
+from .qt_prefs import QtPrefs
 from .qt_run import QtRunController
 from .qt_runconfig import QtRunConfigPanel
 from .qt_runviews import QtEventLog, QtRunSummary, QtTimeline
@@ -77,10 +78,12 @@ class QtMainWindow(QMainWindow):
         self._closed = False
         self.viewers: list[QtRunViewer] = []
         self._menu = None   # the open context menu (kept alive while it shows)
+        self.prefs = QtPrefs(self)
         self._build_views()
         self._build_actions()
         self._wire()
         self.resize(1400, 900)
+        self.prefs.restore_layout()
         if session:
             self.open_session(session)
         elif inventory:
@@ -201,6 +204,7 @@ class QtMainWindow(QMainWindow):
                            ("Re-profile", self.devices_panel.request_reprofile),
                            ("Check", self.device_actions.check)):
             dev_menu.addAction(self._action(text, slot))
+        self.prefs.add_menu(menus)
 
     def _wire(self) -> None:
         self.devices_panel.participant_toggled.connect(self.toggle_participant)
@@ -467,6 +471,7 @@ class QtMainWindow(QMainWindow):
             if self.run.running:
                 self.run_label.setText("stopping the run…")
                 self.run.stop_and_wait(timeout=30.0)
+            self.prefs.save(self.save_session)
             self.shutdown()
         super().closeEvent(event)
 
