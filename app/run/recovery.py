@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shlex
 import time
 from typing import TYPE_CHECKING, Callable
@@ -34,6 +35,21 @@ log = logging.getLogger("edgetrain.recovery")
 
 #: Seconds without an answer to the heartbeats before a worker is looked at.
 SILENT_S = 2.0
+
+
+def silent_bound() -> float:
+    """:data:`SILENT_S`, stretched while this host is overloaded (load above its cores).
+
+    On an overloaded controller host (a local testbed shares it with the workers) beats
+    arrive late and an SSH round trip can take seconds, so an unstretched bound takes a
+    slow device for a lost one.  A device that is really gone is still named, later; on a
+    host with spare cores nothing changes (a cut link is named within 5 s).
+    """
+    try:
+        over = os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:
+        over = 1.0
+    return SILENT_S * min(5.0, max(1.0, over))
 #: Bounds of a DP collective's wait for a peer: at least this, else this many predicted steps.
 COLLECTIVE_FLOOR_S, COLLECTIVE_STEPS = 5.0, 5.0
 #: Seconds to wait, after a worker reports a failed collective, for a lost device to show.
@@ -135,9 +151,9 @@ class Recovery:
 
     async def check_silent(self) -> None:
         """Look at every worker that has not answered the heartbeats for ``SILENT_S``."""
-        now = time.monotonic()
+        now, bound = time.monotonic(), silent_bound()
         for w in self.alive():
-            if w.pid is None or not w.last_seen or now - w.last_seen < SILENT_S or w.rank in self._checking:
+            if w.pid is None or not w.last_seen or now - w.last_seen < bound or w.rank in self._checking:
                 continue
             self._checking.add(w.rank)
             asyncio.ensure_future(self._look_at(w))
@@ -146,11 +162,11 @@ class Recovery:
         try:
             try:
                 res = await asyncio.wait_for(w.conn.run(f"cut -d' ' -f3 /proc/{w.pid}/stat", check=False,
-                                                        encoding="utf-8", errors="replace"), SILENT_S)
+                                                        encoding="utf-8", errors="replace"), silent_bound())
                 proc_state = str(res.stdout).strip()
             except (asyncssh.Error, OSError, asyncio.TimeoutError):
                 proc_state = "unreachable"
-            if time.monotonic() - w.last_seen < SILENT_S:
+            if time.monotonic() - w.last_seen < silent_bound():
                 return  # it spoke meanwhile
             name = w.device.name
             if proc_state in ("T", "t"):
