@@ -60,7 +60,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         result = export_model(run, found, Path(args.out) if args.out else None, overwrite=args.overwrite)
     except ResumeError as exc:
         return _fail(exc)
-    print(f"run {run.run_id}, step {found.manifest.step} ({found.manifest.kind} checkpoint): {result.get('out')}")
+    print(f"run {run.run_id}, step {found.manifest.step} ({found.manifest.kind} checkpoint): {result.get('out_dir')}")
     return 0
 
 

@@ -150,6 +150,6 @@ async def bring_model_home(state: RunState, known_hosts: KnownHosts) -> str | No
     except ResumeError as exc:
         state.add_event(None, "error", f"the trained model could not be brought home: {exc}")
         return None
-    state.model_dir = str(result.get("out") or run.run_dir / MODEL_DIR)
+    state.model_dir = str(result.get("out_dir") or run.run_dir / MODEL_DIR)
     state.add_event(None, "info", f"the trained model (step {found.manifest.step}) is home: {state.model_dir}")
     return state.model_dir
