@@ -13,6 +13,9 @@ plots), and grabs the window.
         .venv/bin/python bench/screenshot_main.py --out docs/screenshot-main.png
     QT_QPA_PLATFORM=xcb xvfb-run -a -s "-screen 0 1400x900x24" \\
         .venv/bin/python bench/screenshot_main.py --drill --out docs/screenshot-recovery.png
+
+With ``--empty``: no testbed, no inventory: the first run's empty devices panel
+(docs/screenshot-first-run.png).
 """
 from __future__ import annotations
 
@@ -37,6 +40,25 @@ def wait_until(app, pred, timeout: float) -> bool:
     return False
 
 
+def shoot_empty(out: Path, home: Path) -> int:
+    """The window as a first run opens it: no devices, the empty state's hint and buttons."""
+    from PySide6.QtWidgets import QApplication
+
+    from app.qt.qt_main import QtMainWindow
+    from app.qt.qt_style import apply_app_style
+
+    app = QApplication.instance() or QApplication([])
+    apply_app_style(app)
+    window = QtMainWindow(runs_dir=home / "runs")
+    window.show()
+    wait_until(app, lambda: False, 1.5)  # layout, the first (empty) plan preview
+    out.parent.mkdir(parents=True, exist_ok=True)
+    window.grab().save(str(out))
+    print(f"saved {out} ({window.width()}x{window.height()})")
+    window.close()
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="docs/screenshot-main.png")
@@ -47,9 +69,12 @@ def main() -> int:
     ap.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations")
     ap.add_argument("--drill", action="store_true", help="DP; kill the third device mid-run; show the recovery")
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip profiling the devices")
+    ap.add_argument("--empty", action="store_true", help="no testbed, no devices: the first run's window")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="edgetrain-shot-"))
     os.environ["EDGETRAIN_HOME"] = str(home)
+    if args.empty:
+        return shoot_empty(Path(args.out), home)
 
     from PySide6.QtWidgets import QApplication
 

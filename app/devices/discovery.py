@@ -4,7 +4,7 @@
 :class:`DiscoveredDevice` keeps the sources it came from; entries that describe the same
 machine are merged by endpoint (address/host name and SSH port), so a device in the
 inventory that also advertises itself over mDNS appears once.  A device that stops
-advertising is marked ``offline``, never deleted.
+advertising is marked ``offline`` (or, known only from mDNS, may leave the list).
 
 :class:`MdnsBrowser` browses ``_edgetrain._tcp`` (devices that run EdgeTrain's
 advertiser; the SRV port is the device's SSH port, the TXT record carries ``name`` and
@@ -247,17 +247,22 @@ class DeviceList:
         (self.added if new else self.changed).emit(entry)
         return entry
 
-    def service_gone(self, instance: str) -> DiscoveredDevice | None:
-        """An mDNS service went away: the device is offline once none of its services remain."""
+    def service_gone(self, instance: str, drop: Callable[[DiscoveredDevice], bool] | None = None
+                     ) -> DiscoveredDevice | None:
+        """An mDNS service went away: the device is offline once none of its services remain, or
+        leaves the list if known only from mDNS and ``drop(entry)`` (under the lock: no race)."""
         with self._lock:
             entry = next((e for e in self._entries.values() if instance in e.mdns_instances), None)
             if entry is None:
                 return None
             entry.mdns_instances.discard(instance)
-            if not entry.mdns_instances:
+            gone = not entry.mdns_instances and entry.sources == {"mdns"} and drop is not None and drop(entry)
+            if gone:
+                del self._entries[entry.name]
+            elif not entry.mdns_instances:
                 entry.reachable = False
                 entry.detail = f"stopped advertising at {time.strftime('%H:%M:%S')}"
-        self.changed.emit(entry)
+        self.removed.emit(entry.name) if gone else self.changed.emit(entry)
         return entry
 
     def set_state(self, name: str, reachable: bool | None, trusted: bool | None, detail: str = "") -> None:

@@ -1,4 +1,4 @@
-"""The devices panel's actions: check, trust a host key, re-profile, add by hand.
+"""The devices panel's actions: check, trust a host key, re-profile, add by hand (and a first run's).
 
 Each action asks the :class:`~app.workspace.workspace.Workspace` to do the work: a
 coroutine on the window's asyncio thread, its result handled on the GUI thread (through
@@ -12,18 +12,28 @@ import concurrent.futures
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QObject, Signal
-from PySide6.QtWidgets import QMessageBox, QWidget
+from PySide6.QtWidgets import QMessageBox
 
 from .qt_bridge import QtFutures
 from .qt_dialogs import QtAddDeviceDialog, QtTrustDialog
+from .qt_first_run import QtFirstRun
 
 if TYPE_CHECKING:
     from app.workspace.loop import AsyncLoop
     from app.workspace.workspace import HostKeyOffer, Workspace
 
+    from .qt_main import QtMainWindow
+
 
 class QtDeviceActions(QObject):
-    """Device actions on ``workspace``; dialogs open over ``parent``.
+    """Device actions on ``workspace``; dialogs open over ``parent`` (the main window).
+
+    Attributes
+    ----------
+    first_run
+        The actions that get a first device list (:class:`app.qt.qt_first_run.QtFirstRun`:
+        local testbed, live mDNS discovery, save to inventory), which put themselves into
+        ``parent``'s devices panel and menus.
 
     Signals
     -------
@@ -32,11 +42,12 @@ class QtDeviceActions(QObject):
 
     message = Signal(str, int)
 
-    def __init__(self, workspace: Workspace, loop: AsyncLoop, futures: QtFutures, parent: QWidget) -> None:
+    def __init__(self, workspace: Workspace, loop: AsyncLoop, futures: QtFutures, parent: QtMainWindow) -> None:
         super().__init__(parent)
         self.ws, self.loop, self.futures, self.parent_widget = workspace, loop, futures, parent
         self.trust_dialog: QtTrustDialog | None = None
         self.add_dialog: QtAddDeviceDialog | None = None
+        self.first_run = QtFirstRun(workspace, loop, futures, parent)
 
     def _say(self, text: str, ms: int = 6000) -> None:
         self.message.emit(text, ms)
@@ -53,7 +64,7 @@ class QtDeviceActions(QObject):
 
     # ------------------------------------------------------------------ trust
     def trust(self, name: str) -> None:
-        """Fetch the key the device presents now and show its fingerprint for approval."""
+        """Fetch the key the device presents now and show its type and fingerprint for approval."""
         if self.ws.devices.get(name) is None:
             return
         self._say(f"fetching the host key of {name}…")
@@ -68,10 +79,8 @@ class QtDeviceActions(QObject):
             offer = f.result()
             if offer is None or self.ws.devices.get(name) is None:
                 return  # removed while we waited
-            dlg = QtTrustDialog(name, offer.address, offer.fingerprint,
-                                "unknown" if offer.kind == "trusted" else offer.kind, self.parent_widget)
-            if offer.kind == "trusted":
-                dlg.setWindowTitle(f"Host key of {name} (already trusted)")
+            dlg = QtTrustDialog(name, offer.address, offer.fingerprint, offer.kind, self.parent_widget,
+                                key_type=offer.key_type)
             dlg.accepted.connect(lambda: self._trusted(offer))
             dlg.finished.connect(dlg.deleteLater)
             self.trust_dialog = dlg
@@ -81,7 +90,7 @@ class QtDeviceActions(QObject):
 
     def _trusted(self, offer: HostKeyOffer) -> None:
         if self.ws.trust(offer):
-            self._say(f"{offer.name}: host key trusted ({offer.fingerprint})")
+            self._say(f"{offer.name}: {offer.key_type} host key trusted ({offer.fingerprint})")
             self.check([offer.name])
 
     # ------------------------------------------------------------------ profiles

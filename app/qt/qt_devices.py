@@ -5,7 +5,9 @@ queued :class:`~app.qt.qt_bridge.QtDeviceListBridge`), the devices' profiles and
 :class:`~app.workspace.topology.Topology` (for the ticks).  Ticking a device does not change the
 topology itself: the panel emits :attr:`QtDevicesPanel.participant_toggled` and the
 window pushes an undoable command.  Buttons only emit requests; the window runs them on
-the asyncio thread.
+the asyncio thread.  The *Source* column says where each device came from (inventory,
+mDNS, manual); while the list is empty the panel shows an empty state in place of the
+table (:meth:`QtDevicesPanel.set_empty_state`, filled by :mod:`app.qt.qt_first_run`).
 """
 from __future__ import annotations
 
@@ -39,7 +41,9 @@ from .qt_style import STATUS_COLOURS, device_colour, fmt_bytes
 if TYPE_CHECKING:
     from app.devices.discovery import DeviceList, DiscoveredDevice
 
-COLUMNS = ("Device", "Status", "CPU / GPU", "Memory", "GFLOP/s", "Power")
+COLUMNS = ("Device", "Status", "Source", "CPU / GPU", "Memory", "GFLOP/s", "Power")
+#: How the source column names where a device came from, in this order.
+SOURCE_NAMES = {"inventory": "inventory", "manual": "manual", "mdns": "mDNS"}
 
 
 def profile_cells(prof: Any, labels: dict[str, str] | None = None) -> tuple[str, str, str, str]:
@@ -52,6 +56,14 @@ def profile_cells(prof: Any, labels: dict[str, str] | None = None) -> tuple[str,
     mem = fmt_bytes(prof.mem_limit_bytes or prof.mem_total_bytes)
     gf = f"{prof.gflops_fp32:.0f}" if prof.gflops_fp32 else "–"
     return compute, mem, gf, str(prof.power_source or "–")
+
+
+def source_text(entry: DiscoveredDevice) -> str:
+    """``inventory``, ``mDNS``, ``manual`` or a combination (``inventory + mDNS``)."""
+    order = list(SOURCE_NAMES)
+    srcs = sorted(entry.sources, key=lambda s: order.index(s) if s in order else len(order))
+    text = " + ".join(SOURCE_NAMES.get(s, s) for s in srcs) or "?"
+    return text + " (candidate)" if entry.candidate else text
 
 
 class QtDeviceTableModel(QAbstractTableModel):
@@ -115,21 +127,22 @@ class QtDeviceTableModel(QAbstractTableModel):
                 return name
             if col == 1:
                 return self.status(entry)
-            return profile_cells(self.profiles.get(name), entry.device.labels)[col - 2]
+            if col == 2:
+                return source_text(entry)
+            return profile_cells(self.profiles.get(name), entry.device.labels)[col - 3]
         if role == Qt.DecorationRole and col == 0:
             return device_colour(self.colour_index(name))
         if role == Qt.ForegroundRole and col == 1:
             return QBrush(STATUS_COLOURS.get(self.status(entry), STATUS_COLOURS["unknown"]))
         if role == Qt.ToolTipRole:
-            src = ", ".join(sorted(entry.sources)) or "?"
-            tip = f"{name} — {entry.device.user}@{entry.device.address} (from {src})"
+            tip = f"{name} — {entry.device.user}@{entry.device.address} (from {source_text(entry)})"
             prof = self.profiles.get(name)
             if prof is not None:
                 tip += (f"\n{prof.cpu_model}, {prof.cores} cores, {prof.threads} threads; "
                         f"memory limit {fmt_bytes(prof.mem_limit_bytes)} of {fmt_bytes(prof.mem_total_bytes)}; "
                         f"power: {prof.power_source}")
             return tip + (f"\n{entry.detail}" if entry.detail else "")
-        if role == Qt.TextAlignmentRole and col == 4:
+        if role == Qt.TextAlignmentRole and col == 5:
             return int(Qt.AlignRight | Qt.AlignVCenter)
         return None
 
@@ -192,7 +205,7 @@ class QtDevicesPanel(QWidget):
     -------
     participant_toggled(str, bool)   a tick changed (not applied yet)
     add_requested()                  "Add device…"
-    trust_requested(str)             "Trust host key…" for the selected device
+    trust_requested(str)             "Trust host key…" for the selected device (shows type and fingerprint)
     reprofile_requested(list)        "Re-profile" the selected devices (all if none)
     check_requested()                "Check" reachability and host keys
     context_requested(str, QPoint)   a right-click on a device (its name, the global position)
@@ -246,6 +259,7 @@ class QtDevicesPanel(QWidget):
             sig.connect(self._update_count)
         topology.order_changed.connect(self._on_order)
         self._topology = topology
+        self.empty_state: QWidget | None = None
         self._update_count()
 
     def detach(self) -> None:
@@ -258,6 +272,16 @@ class QtDevicesPanel(QWidget):
     def _update_count(self, *_: Any) -> None:
         n = self.model.rowCount()
         self.count_label.setText(f"{n} device(s), {len(self._topology)} selected as participants")
+        if self.empty_state is not None:
+            self.empty_state.setVisible(n == 0)
+            self.view.setVisible(n > 0)
+            self.count_label.setVisible(n > 0)
+
+    def set_empty_state(self, widget: QWidget) -> None:
+        """Show ``widget`` in place of the table while the list is empty (a first run's hint)."""
+        self.empty_state = widget
+        self.layout().insertWidget(1, widget, 1)
+        self._update_count()
 
     def _on_context(self, pos: QPoint) -> None:
         index = self.view.indexAt(pos)

@@ -1,4 +1,4 @@
-"""Small dialogs: trust a host key (showing its fingerprint), add a device by hand."""
+"""Small dialogs: trust a host key (showing its type and fingerprint), add a device by hand."""
 from __future__ import annotations
 
 import getpass
@@ -22,7 +22,10 @@ from PySide6.QtWidgets import (
 
 
 class QtTrustDialog(QDialog):
-    """Shows a device's host-key fingerprint; accepting adds it to EdgeTrain's known_hosts.
+    """Shows a device's host-key type and fingerprint; accepting adds it to EdgeTrain's known_hosts.
+
+    Nothing is trusted without a click on the trust button: Cancel is the default button,
+    so Enter or Escape never trusts a key.
 
     Parameters
     ----------
@@ -31,15 +34,18 @@ class QtTrustDialog(QDialog):
     fingerprint
         ``SHA256:...`` of the key the device presents now.
     kind
-        ``unknown`` (never trusted) or ``changed`` (differs from the trusted key: a warning).
+        ``unknown`` (never trusted), ``changed`` (differs from the trusted key: a warning)
+        or ``trusted`` (already trusted: shown for information, nothing to accept).
+    key_type
+        The key's algorithm (``ssh-ed25519``, ...).
     """
 
     def __init__(self, name: str, address: str, fingerprint: str, kind: str = "unknown",
-                 parent: QWidget | None = None) -> None:
+                 parent: QWidget | None = None, key_type: str = "") -> None:
         super().__init__(parent)
-        self.setWindowTitle(f"Trust host key of {name}")
-        self.fingerprint = fingerprint
-        self.kind = kind
+        self.setWindowTitle(f"Host key of {name} (already trusted)" if kind == "trusted"
+                            else f"Trust host key of {name}")
+        self.fingerprint, self.kind, self.key_type = fingerprint, kind, key_type
         intro = QLabel(self)
         intro.setWordWrap(True)
         if kind == "changed":
@@ -47,25 +53,35 @@ class QtTrustDialog(QDialog):
                           "This may be a different machine answering at that address. Trust the new key "
                           "only if the device was reinstalled and the fingerprint below matches what the "
                           "device itself shows.")
+        elif kind == "trusted":
+            intro.setText(f"<b>{name}</b> ({address}) presents the host key EdgeTrain already trusts.")
         else:
             intro.setText(f"<b>{name}</b> ({address}) presents a host key that is not in EdgeTrain's "
-                          "trusted domain. Compare the fingerprint with the one on the device "
+                          "trusted domain. Compare the key type and fingerprint with the ones on the device "
                           "(<tt>ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub</tt>) before trusting it.")
+        self.key_type_label = QLabel(key_type or "unknown key type", self)
         self.fingerprint_label = QLabel(fingerprint, self)
         mono = QFont("monospace")
         mono.setStyleHint(QFont.Monospace)
-        self.fingerprint_label.setFont(mono)
-        self.fingerprint_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        for label in (self.key_type_label, self.fingerprint_label):
+            label.setFont(mono)
+            label.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.fingerprint_label.setStyleSheet("padding: 6px; background: #f1f3f5; border: 1px solid #ced4da;")
+        form = QFormLayout()
+        form.addRow("Key type", self.key_type_label)
+        form.addRow("Fingerprint", self.fingerprint_label)
         buttons = QDialogButtonBox(self)
-        self.trust_button = buttons.addButton("Trust this key" if kind == "unknown" else "Replace the trusted key",
+        self.trust_button = buttons.addButton("Trust this key" if kind != "changed" else "Replace the trusted key",
                                               QDialogButtonBox.AcceptRole)
-        buttons.addButton(QDialogButtonBox.Cancel)
+        self.trust_button.setAutoDefault(False)
+        self.trust_button.setVisible(kind != "trusted")
+        self.cancel_button = buttons.addButton(QDialogButtonBox.Close if kind == "trusted" else QDialogButtonBox.Cancel)
+        self.cancel_button.setDefault(True)
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
         lay = QVBoxLayout(self)
         lay.addWidget(intro)
-        lay.addWidget(self.fingerprint_label)
+        lay.addLayout(form)
         lay.addWidget(buttons)
         self.setMinimumWidth(460)
 

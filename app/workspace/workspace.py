@@ -46,6 +46,11 @@ class HostKeyOffer:
     fingerprint: str
     kind: str     # "unknown" (never trusted), "changed" (another key is trusted), "trusted"
 
+    @property
+    def key_type(self) -> str:
+        """The key's algorithm (``ssh-ed25519``, ``ecdsa-sha2-nistp256``, ...)."""
+        return self.key.get_algorithm()
+
 
 class Workspace:
     """The devices, participants, profiles and links the control panel works on.
