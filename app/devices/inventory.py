@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from app.paths import atomic_write_text, default_known_hosts
+from app.paths import atomic_write_text, default_known_hosts, read_user_text
 
 INVENTORY_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -239,19 +239,29 @@ def load_inventory(path: Path | str) -> Inventory:
     Raises
     ------
     InventoryError
-        For a missing file, bad YAML or any invalid entry; the message names the file,
-        the entry and the field, and how to fix it.
+        For a missing, unreadable or oversized file (over 16 MiB), a folder, bytes that
+        are not UTF-8, bad YAML or any invalid entry; the message names the file, the
+        entry and the field, and how to fix it.  The file is only read.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InventoryError(f"{path}: inventory file not found. Fix: pass an existing file with --inventory, "
-                             "or run 'edgetrain testbed up' to create one for the local testbed")
+    text = read_user_text(path, "inventory", InventoryError,
+                          missing_fix="pass an existing file with --inventory, or run 'edgetrain testbed up' "
+                                      "to create one for the local testbed")
+    return parse_inventory(load_yaml(text, path), path)
+
+
+def load_yaml(text: str, path: Path) -> Any:
+    """Decode an inventory's YAML; any way it can fail becomes an :class:`InventoryError`."""
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML syntax"
         problem = getattr(exc, "problem", None) or str(exc)
         raise _err(path, where, f"not valid YAML ({problem})",
                    "check indentation (spaces, not tabs) and that every 'key: value' has a space after ':'") from None
-    return parse_inventory(data, path)
+    except (ValueError, OverflowError) as exc:
+        # a value that looks like a date but is not one (2024-13-45)
+        raise _err(path, "YAML value", f"cannot be read ({exc})", "quote the value to make it plain text") from None
+    except RecursionError:
+        raise _err(path, "YAML structure", "is nested too deeply", "an inventory is a flat list of devices") from None

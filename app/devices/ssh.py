@@ -7,13 +7,14 @@ differs from the stored one is always refused.  Authentication is key-only.
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import asyncssh
 
 from app.devices.inventory import Device
-from app.paths import atomic_write_text
+from app.paths import atomic_write_bytes, read_user_text
 
 PLAIN_HOST_KEY_ALGS = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
                        "rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")
@@ -25,6 +26,10 @@ class SSHError(RuntimeError):
     def __init__(self, device: str, message: str) -> None:
         super().__init__(message)
         self.device = device
+
+
+class KnownHostsError(ValueError):
+    """EdgeTrain's known_hosts file cannot be read; the message names it and the fix."""
 
 
 class HostKeyError(SSHError):
@@ -56,7 +61,13 @@ class KnownHosts:
     """A plain OpenSSH known_hosts file that only EdgeTrain writes.
 
     Only exact ``host`` / ``[host]:port`` patterns are understood; hashed or wildcard
-    lines written by other tools are kept verbatim but never match (stricter, not looser).
+    lines written by other tools, and lines that are not keys at all, are kept byte for
+    byte but never match (stricter, not looser).
+
+    Raises
+    ------
+    KnownHostsError
+        When the file exists but cannot be read: a folder, no permission, over 16 MiB.
     """
 
     def __init__(self, path: Path | str) -> None:
@@ -66,17 +77,26 @@ class KnownHosts:
         self.reload()
 
     def reload(self) -> None:
+        """Read the file again (a missing file is an empty trusted domain)."""
         self._lines, self._entries = [], []
-        if not self.path.exists():
+        if not os.path.lexists(self.path):
             return
-        for line in self.path.read_text().splitlines():
-            self._lines.append(line)
+        # surrogateescape: bytes that are not UTF-8 are kept, so trust() writes them back as they were
+        text = read_user_text(self.path, "known_hosts", KnownHostsError, errors="surrogateescape",
+                              missing_fix="run 'edgetrain devices trust NAME' to create it")
+        # split on newlines only: a CR or form feed in someone's line stays in that line
+        self._lines = text.split("\n")
+        if self._lines[-1] == "":
+            self._lines.pop()
+        for line in self._lines:
             parts = line.split()
             if len(parts) < 3 or line.lstrip().startswith(("#", "@", "|")):
                 continue
             try:
                 key = asyncssh.import_public_key(f"{parts[1]} {parts[2]}")
-            except (asyncssh.KeyImportError, ValueError):
+            except Exception:  # noqa: BLE001 - any failure of the key parser on a foreign line
+                # (KeyImportError, OverflowError on a negative RSA exponent, ...) means the
+                # same thing: not a key EdgeTrain can use, so the line never matches
                 continue
             for pat in parts[0].split(","):
                 self._entries.append(KnownHostEntry(pat, key))
@@ -87,7 +107,10 @@ class KnownHosts:
         return [e.key for e in self._entries if e.pattern == pat]
 
     def trust(self, host: str, port: int, key: asyncssh.SSHKey, replace: bool = False) -> None:
-        """Store ``key`` for the endpoint (``replace`` drops older keys of that endpoint)."""
+        """Store ``key`` for the endpoint (``replace`` drops older keys of that endpoint).
+
+        The file is rewritten atomically; every other line stays as it was, byte for byte.
+        """
         pat = host_pattern(host, port)
         # another process (the CLI, the GUI) may have written since we read: start from disk
         self.reload()
@@ -95,7 +118,7 @@ class KnownHosts:
             self._lines = [ln for ln in self._lines if not ln.split() or pat not in ln.split()[0].split(",")]
         line = f"{pat} {key.export_public_key('openssh').decode().strip()}"
         self._lines.append(line)
-        atomic_write_text(self.path, "\n".join(self._lines) + "\n")
+        atomic_write_bytes(self.path, ("\n".join(self._lines) + "\n").encode("utf-8", "surrogateescape"))
         self.reload()
 
 

@@ -60,7 +60,7 @@ class DeviceRun:
 class RunEvent:
     t: float
     device: str | None
-    kind: str          # info, oom, error, failure, drill, lost, replan, resumed
+    kind: str          # info, oom, error, failure, drill, lost, replan, resumed, telemetry
     message: str
 
 
@@ -97,6 +97,9 @@ class RunState:
         self.ended: float | None = None
         self.outcome: str | None = None
         self.rejected_lines = 0
+        # telemetry lines not believed (app.run.telemetry.Reject): device -> reason -> lines
+        self.rejected: dict[str, dict[str, int]] = {}
+        self.rejected_examples: list[str] = []   # the first message of each (device, reason)
         # step -> {"step", "kind", "complete", "ranks": {rank: {device, dir, bytes, files, seconds}}}
         self.checkpoints: dict[int, dict[str, Any]] = {}
         self.model_dir: str | None = None   # where the trained model was exported, if it was
@@ -130,6 +133,22 @@ class RunState:
         if kind == "replan":
             self._replanned, self._rejoined = ev.t, set()
         self.event.emit(ev)
+
+    def note_rejected(self, device: str, kind: str, message: str) -> None:
+        """Count one telemetry line of ``device`` that was not believed, and why.
+
+        The first of each reason per device is also a run event (the GUI's event log), so
+        a device sending garbage is seen during the run, not only in the record.
+        """
+        per = self.rejected.setdefault(device, {})
+        first = kind not in per
+        per[kind] = per.get(kind, 0) + 1
+        self.rejected_lines += 1
+        if first:
+            self.rejected_examples.append(f"{device}: {message[:300]}")
+            self.add_event(device if device in self.devices else None, "telemetry",
+                           f"{device}: telemetry line rejected ({kind}): {message[:300]}; "
+                           "later ones are counted in the run summary")
 
     def feed(self, rec: dict) -> None:
         """Apply one validated telemetry record."""
@@ -274,6 +293,7 @@ class RunState:
                 "param_digest": d.param_digest,
                 # provenance of the cap: physical (cgroup) or address space (RLIMIT_AS)
                 "mem_limit_bytes": d.mem_limit_bytes, "mem_limit_kind": d.mem_limit_kind,
+                "rejected_telemetry_lines": sum(self.rejected.get(d.name, {}).values()),
             })
         lat = [p["latency_per_sample_s"] for p in per_dev if p["latency_per_sample_s"] is not None]
         self._attach_predictions(per_dev)
@@ -285,6 +305,9 @@ class RunState:
             "latency_per_sample_s": max(lat) if lat else None,
             "energy_per_sample_j": energy / samples if samples and energy else None,
             "energy_methods": methods, "rejected_telemetry_lines": self.rejected_lines,
+            # per device and reason (app.run.telemetry.Reject), and the first message of each
+            "rejected_telemetry": {d: dict(r) for d, r in self.rejected.items()},
+            "rejected_telemetry_examples": list(self.rejected_examples),
             "devices": per_dev,
             # layout-independent: comparable with a one-device run of the same settings
             "param_moments": moments, "param_moments_problems": problems,
