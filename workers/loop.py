@@ -152,7 +152,9 @@ class TrainingLoop:
         dt = time.perf_counter() - t0
         self.tracker.sample()
         reading = self.meter.read()
-        step_j, self._last_j = reading.joules - self._last_j, reading.joules
+        # the running total drops once when a sensor falls back to the estimate
+        # (workers/energy.py); a negative step would be rejected by the controller
+        step_j, self._last_j = max(0.0, reading.joules - self._last_j), reading.joules
         self.samples += res.samples
         step = it + 1
         if res.synced:

@@ -171,7 +171,7 @@ def validate(obj: Any) -> dict:
     if obj.get("v") != VERSION:
         raise ProtocolError(f"unsupported protocol version v={obj.get('v')!r} (this controller speaks v{VERSION})")
     kind = obj.get("type")
-    if kind not in REQUIRED:
+    if not isinstance(kind, str) or kind not in REQUIRED:  # a list or dict is unhashable
         raise ProtocolError(f"unknown record type {kind!r}; expected one of {', '.join(TYPES)}")
     for fields in (COMMON_FIELDS, REQUIRED[kind]):
         for name, typ in fields.items():
@@ -209,6 +209,8 @@ def parse_line(line: str | bytes) -> dict:
         raise ProtocolError(f"bad JSON ({exc.msg} at column {exc.colno}): {line[:80]!r}") from None
     except RecursionError:
         raise ProtocolError(f"JSON nested too deeply: {line[:80]!r}") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise ProtocolError(f"bad JSON value ({exc}): {line[:80]!r}") from None
     return validate(obj)
 
 
