@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import TextIO
 
 from app.cli.flags import add_device_flags, add_settings_flags, device_names, inventory_from_args, settings_from_args
+from app.paths import atomic_write_text
 from app.planner.plan import OBJECTIVES, Comparison, Plan, compare, make_plan
 from app.run.planning import device_specs
 
@@ -152,7 +152,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print_plan(plan)
         ok = plan.feasible and not plan.oom
     if args.output:
-        Path(args.output).write_text(json.dumps(data, indent=1))
+        atomic_write_text(args.output, json.dumps(data, indent=1))
     # 0: runnable; 1: predicted OOM or infeasible (scripts can gate a run on it)
     return 0 if ok else 1
 

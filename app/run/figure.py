@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 from xml.sax.saxutils import escape, quoteattr
 
+from app.paths import atomic_write_text
+
 if TYPE_CHECKING:
     from app.run.sweep import SweepCell
     from workers.config import RunSettings
@@ -303,6 +305,6 @@ def write_figure(cells: Sequence[SweepCell], settings: RunSettings, out_dir: Pat
     """Write ``figure.svg`` into ``out_dir`` (made if missing); returns its path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "figure.svg"
-    path.write_text(figure_svg(cells, "EdgeTrain sweep: energy and latency per sample",
-                               describe(settings, cells), default_model=settings.model), encoding="utf-8")
+    atomic_write_text(path, figure_svg(cells, "EdgeTrain sweep: energy and latency per sample",
+                                       describe(settings, cells), default_model=settings.model))
     return path

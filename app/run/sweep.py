@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import io
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from app.devices.inventory import Inventory
-from app.paths import default_runs_dir
+from app.paths import atomic_write_text, default_runs_dir
 from app.planner.plan import Plan
 from app.planner.shape import UnknownModelError
 from app.run.jobs import prepare_run
@@ -198,11 +199,12 @@ def write_report(cells: list[SweepCell], settings: RunSettings, out_dir: Path) -
             ("no" if pred.latency_per_sample_s is not None else "-"),
             "run_id": c.run_id or "-", "note": c.message[:120],
         })
-    with open(out_dir / "report.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["cell"])
-        w.writeheader()
-        w.writerows(rows)
-    (out_dir / "sweep.json").write_text(json.dumps(
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["cell"])
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out_dir / "report.csv", buf.getvalue())
+    atomic_write_text(out_dir / "sweep.json", json.dumps(
         {"settings": settings.to_dict(), "cells": [asdict(c) for c in cells]}, indent=1, default=str))
     cols = ["cell", "model", "devices", "outcome", "latency_ms_per_sample", "vs_single", "energy_j_per_sample",
             "energy_method", "throughput_sps", "max_peak_mem_mib", "predicted_latency_ms",
@@ -215,7 +217,7 @@ def write_report(cells: list[SweepCell], settings: RunSettings, out_dir: Path) -
     for r in rows:
         lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 

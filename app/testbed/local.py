@@ -40,6 +40,7 @@ import asyncssh
 import psutil
 import yaml
 
+from app.paths import atomic_write_text
 from app.testbed import cgroups as cgroup_limits
 from app.testbed.emulation import TestbedError, plan_devices
 from app.testbed.server import EmulatedDevice
@@ -311,7 +312,7 @@ class Testbed:
         for d, dev in zip(self.devices, self._devices):
             pattern = d.host if d.port == 22 else f"[{d.host}]:{d.port}"
             lines.append(f"{pattern} {_public_line(dev.host_key.convert_to_public())}\n")
-        self.known_hosts_path.write_text("".join(lines))
+        atomic_write_text(self.known_hosts_path, "".join(lines))
         inventory = {
             "version": 1,
             "devices": [{
@@ -324,7 +325,7 @@ class Testbed:
             "known_hosts": self.known_hosts_path.name,
         }
         header = "# Written by `edgetrain testbed up`; relative paths are relative to this file.\n"
-        self.inventory_path.write_text(header + yaml.safe_dump(inventory, sort_keys=False))
+        atomic_write_text(self.inventory_path, header + yaml.safe_dump(inventory, sort_keys=False))
 
     async def stop(self) -> None:
         """Kill every command the devices started, close connections, stop listening."""

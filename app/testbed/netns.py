@@ -44,6 +44,7 @@ from pathlib import Path
 import asyncssh
 import yaml
 
+from app.paths import atomic_write_text
 from app.testbed.netns_names import (
     BRIDGE,
     NS_PREFIX,
@@ -323,7 +324,7 @@ def _write_files(tb: NetnsTestbed, python: str) -> None:
     for dev in tb.devices:
         key = asyncssh.read_private_key(str(tb.dir / "devices" / dev.name / "host_key"))
         lines.append(f"{dev.host} {key.export_public_key('openssh').decode().strip()}\n")
-    tb.known_hosts_path.write_text("".join(lines))
+    atomic_write_text(tb.known_hosts_path, "".join(lines))
     inv = {"version": 1, "known_hosts": tb.known_hosts_path.name, "devices": [{
         "name": dev.name, "host": dev.host, "port": 22, "user": getpass.getuser(), "key": "client_key",
         "python": python, "workdir": str(tb.dir / "devices" / dev.name / "work"),

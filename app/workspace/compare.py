@@ -22,11 +22,13 @@ still has its column.  Everything is plain data, so it is tested without Qt.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from app.paths import atomic_write_text
 from app.workspace.history import iter_telemetry, load_record
 
 #: The charts of a comparison: title, unit of y, label of x.
@@ -258,10 +260,9 @@ def table(runs: Sequence[ComparedRun]) -> list[tuple[str, list[str]]]:
 
 def write_table_csv(runs: Sequence[ComparedRun], path: Path | str) -> Path:
     """The table as CSV (a header row of run ids); returns the path."""
-    path = Path(path)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["", *(r.run_id for r in runs)])
-        for label, cells in table(runs):
-            w.writerow([label, *cells])
-    return path
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["", *(r.run_id for r in runs)])
+    for label, cells in table(runs):
+        w.writerow([label, *cells])
+    return atomic_write_text(path, buf.getvalue())

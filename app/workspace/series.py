@@ -10,6 +10,7 @@ view repaints only the curves that changed since it last looked.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import threading
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Iterable, TextIO
 
 import numpy as np
+
+from app.paths import atomic_write_text
 
 #: 60 s at 20 Hz with room to spare; older points fall off the front.
 DEFAULT_CAPACITY = 4096
@@ -143,8 +146,10 @@ class SeriesStore:
     def write_csv(self, out: TextIO | Path | str, series: Iterable[str] | None = None) -> int:
         """Write ``series,device,t,value`` rows; returns the number of data rows."""
         if isinstance(out, (str, Path)):
-            with open(out, "w", newline="") as f:
-                return self.write_csv(f, series)
+            buf = io.StringIO(newline="")
+            rows = self.write_csv(buf, series)
+            atomic_write_text(out, buf.getvalue())
+            return rows
         wanted = set(series) if series is not None else None
         w = csv.writer(out)
         w.writerow(["series", "device", "t_s", "value"])
@@ -161,6 +166,12 @@ class SeriesStore:
 
 # ------------------------------------------------------------------ telemetry -> points
 
+#: The one name of the memory quantity wherever it is shown (the memory chart, the plan
+#: preview, the run progress): resident memory, i.e. physical memory in use, as the workers
+#: measure it (``rss_bytes``) and the planner predicts its peak (``peak_rss_bytes``).  A
+#: device capped by ``RLIMIT_AS`` is capped on its address space instead: a different
+#: quantity, always labelled "address space".
+MEMORY_LABEL = "Memory (RSS)"
 #: The chart series over time (seconds since launch), with their unit as plotted.
 SERIES: dict[str, str] = {
     "energy": "J/sample",
