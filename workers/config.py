@@ -56,7 +56,15 @@ class Schedule(str, Enum):
 PARALLELISMS: tuple[str, ...] = tuple(p.value for p in Parallelism)
 SCHEDULES: tuple[str, ...] = tuple(s.value for s in Schedule)
 DEVICE_KINDS = ("cpu", "cuda")
+#: The environment variable that holds a run's rendezvous secret on a device.  The launcher
+#: writes the secret on the worker's stdin and the worker's shell reads it into this
+#: variable, so it is never on a command line (``ps``) nor in a job or a run record.
+SECRET_ENV = "EDGETRAIN_RUN_SECRET"
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
+#: How DP replicas agree: ``ddp`` all-reduces gradients every ``sync_every`` iterations;
+#: ``diloco`` lets each replica step alone and averages their moves every ``sync_every``.
+DP_MODES = ("ddp", "diloco")
+SYNC_DTYPES = ("fp32", "bf16", "fp16")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -121,6 +129,15 @@ class RunSettings:
         ``None``: equal shares.  The planner picks shares proportional to device speed.
     precision
         ``fp32``, or ``bf16`` autocast where the device supports it.
+    dp_mode
+        DP: ``ddp`` (gradients all-reduced every ``sync_every`` iterations) or ``diloco``
+        (low-communication: each replica takes ``sync_every`` optimizer steps alone,
+        then one all-reduce of their parameter moves and an outer step; for slow links).
+    outer_lr, outer_momentum
+        DiLoCo's outer step: SGD with Nesterov momentum on the averaged move (0.7 and
+        0.9 as in the DiLoCo paper; 1 and 0 make it plain averaging).
+    sync_dtype
+        DiLoCo: the all-reduce's precision (``bf16`` halves the bytes; ``fp32``, ``fp16``).
     """
 
     model: str = "tiny-gpt2"
@@ -149,6 +166,10 @@ class RunSettings:
     grad_accumulation: int = 1
     dp_shares: list[float] | None = None
     precision: str = "fp32"
+    dp_mode: str = "ddp"
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    sync_dtype: str = "bf16"
 
     def __setattr__(self, name: str, value: Any) -> None:
         # the enums hold on every assignment, not only at construction ("pp" -> Parallelism.PP)
@@ -189,6 +210,18 @@ class RunSettings:
         if not isinstance(self.activation_checkpointing, bool):
             raise ValueError(f"activation_checkpointing must be true or false, not "
                              f"{self.activation_checkpointing!r}")
+        if self.dp_mode not in DP_MODES:
+            raise ValueError(f"dp_mode {self.dp_mode!r} is not one of {', '.join(DP_MODES)}. Fix: --dp-mode ddp "
+                             "(synchronous) or --dp-mode diloco (low-communication)")
+        if self.sync_dtype not in SYNC_DTYPES:
+            raise ValueError(f"sync_dtype {self.sync_dtype!r} is not one of {', '.join(SYNC_DTYPES)}. "
+                             "Fix: pick one (--sync-dtype)")
+        for name, ok, what, example in (("outer_lr", lambda v: 0 < v <= 2, "in (0, 2]", 0.7),
+                                        ("outer_momentum", lambda v: 0 <= v < 1, "in [0, 1)", 0.9)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+                raise ValueError(f"{name} must be a number {what}, not {v!r}. "
+                                 f"Fix: e.g. --{name.replace('_', '-')} {example}")
         g = self.grad_accumulation
         if isinstance(g, bool) or not isinstance(g, int) or g < 1:
             raise ValueError(f"grad_accumulation must be a whole number >= 1, not {g!r}. "
@@ -233,7 +266,7 @@ class RunSettings:
         if not isinstance(data, dict):
             raise ValueError(f"expected a mapping of settings, got {type(data).__name__}")
         known = {f.name: f for f in fields(RunSettings)}
-        unknown = sorted(set(data) - set(known))
+        unknown = sorted(str(k) for k in set(data) - set(known))  # str: keys may mix types
         if unknown:
             raise ValueError(f"unknown setting {unknown[0]!r}. Fix: use only {', '.join(known)}")
         out = {}
@@ -260,7 +293,9 @@ class JobConfig(RunSettings):
     Attributes
     ----------
     run_id, world_size, master_addr, master_port
-        Rendezvous: rank 0's device address and a free port there.
+        Rendezvous: rank 0's device address and a free port there, for this run only.
+        The run's secret is not here (:data:`SECRET_ENV`): a job is written to the
+        run record and travels on the command line.
     addrs
         The address of each rank's device (index = rank); gloo binds to it.
     devices

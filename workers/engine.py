@@ -184,14 +184,16 @@ def model_parts(cfg: JobConfig, rank: int):
     Pipeline stages build only their own blocks, so a model larger than one device's
     memory can still load on each stage.
     """
-    module = importlib.import_module(f"workers.parallel.{cfg.parallelism}")
+    name = "diloco" if cfg.parallelism == "dp" and cfg.dp_mode == "diloco" else cfg.parallelism
+    module = importlib.import_module(f"workers.parallel.{name}")
     fn = getattr(module, "model_parts", None)
     return fn(cfg, rank) if fn is not None else None
 
 
 def build(cfg: JobConfig, rank: int, model, device: torch.device) -> Trainer:
     """Instantiate the trainer of ``cfg.parallelism`` for this rank."""
-    module = importlib.import_module(f"workers.parallel.{cfg.parallelism}")
+    name = "diloco" if cfg.parallelism == "dp" and cfg.dp_mode == "diloco" else cfg.parallelism
+    module = importlib.import_module(f"workers.parallel.{name}")
     if cfg.activation_checkpointing:
         # every parallelism that calls the blocks as modules recomputes them in backward;
         # sp runs the layers itself and checks the setting there

@@ -7,7 +7,16 @@ from pathlib import Path
 
 from app.devices.inventory import Inventory, load_inventory
 from app.paths import default_runs_dir, edgetrain_home
-from workers.config import DEVICE_KINDS, OPTIMIZERS, PARALLELISMS, PRECISIONS, SCHEDULES, RunSettings
+from workers.config import (
+    DEVICE_KINDS,
+    DP_MODES,
+    OPTIMIZERS,
+    PARALLELISMS,
+    PRECISIONS,
+    SCHEDULES,
+    SYNC_DTYPES,
+    RunSettings,
+)
 
 
 def add_device_flags(p: argparse.ArgumentParser) -> None:
@@ -76,6 +85,14 @@ def add_settings_flags(p: argparse.ArgumentParser, steps: int | None = None) -> 
                         "(normalised; default: equal)")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="bf16: autocast the forward where the device supports it")
+    p.add_argument("--dp-mode", default=d.dp_mode, choices=DP_MODES,
+                   help="DP: ddp (gradients every --sync-every steps) or diloco (low-communication for slow "
+                        "links: replicas step alone, their moves averaged every --sync-every steps)")
+    p.add_argument("--outer-lr", type=float, default=d.outer_lr, help="DiLoCo: the outer step's learning rate")
+    p.add_argument("--outer-momentum", type=float, default=d.outer_momentum,
+                   help="DiLoCo: the outer step's Nesterov momentum (0: none)")
+    p.add_argument("--sync-dtype", default=d.sync_dtype, choices=SYNC_DTYPES,
+                   help="DiLoCo: the precision of the averaged moves on the wire")
     p.add_argument("--runs-dir", help="where run records go (default: $EDGETRAIN_HOME/runs)")
 
 
@@ -109,7 +126,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
                        eval_every=args.eval_every, optimizer=args.optimizer,
                        activation_checkpointing=args.activation_checkpointing,
                        grad_accumulation=args.grad_accumulation, dp_shares=args.dp_shares,
-                       precision=args.precision)
+                       precision=args.precision, dp_mode=args.dp_mode, outer_lr=args.outer_lr,
+                       outer_momentum=args.outer_momentum, sync_dtype=args.sync_dtype)
     s.check_knobs()
     return s
 

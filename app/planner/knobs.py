@@ -29,6 +29,8 @@ from typing import Any, Sequence
 from app.planner.shape import FP32, ModelShape
 from workers.config import share_bounds
 
+#: Bytes per element on the wire of a DiLoCo sync (``RunSettings.sync_dtype``).
+SYNC_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
 PRECISIONS = ("fp32", "bf16")
 

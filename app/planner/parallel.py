@@ -188,8 +188,15 @@ def eval_replicated(par: str, shape: ModelShape, st: RunSettings, specs: list[De
         return Evaluation(par, False, f"DP: {exc}", order=names)
     ckpt, prec = knobs.checkpointing(st), (knobs.BF16_ACT_FACTOR if knobs.precision_of(st) == "bf16" else 1.0)
     held = weights_and_state(shape, st, params, shape.n_layer, True, True)
-    sync_s = ring_allreduce_s(FP32 * params, names, links)
-    sync_bytes = allreduce_bytes_per_rank(FP32 * params, w)
+    diloco = par == "dp" and getattr(st, "dp_mode", "ddp") == "diloco"
+    # DiLoCo all-reduces the replicas' moves in sync_dtype instead of fp32 gradients
+    wire = knobs.SYNC_BYTES[getattr(st, "sync_dtype", "fp32")] if diloco else FP32
+    sync_s = ring_allreduce_s(wire * params, names, links)
+    sync_bytes = allreduce_bytes_per_rank(wire * params, w)
+    if diloco:
+        # the anchor (fp32 parameters) and the outer Nesterov momentum live beside the
+        # inner optimizer's state
+        held["opt_state_elems"] += params * (1 + (getattr(st, "outer_momentum", 0.0) > 0))
     link_bytes: dict[str, float] = {}
     add_ring_bytes(link_bytes, names, sync_bytes / k)
     loads, comm = [], []
@@ -220,23 +227,28 @@ def eval_replicated(par: str, shape: ModelShape, st: RunSettings, specs: list[De
         g_r = max(1, min(g, samples))
         kept, transient, _ = knobs.activation_bytes(shape, st, -(-samples // g_r) * seq, shape.n_layer, True, True)
         _, _, produced = knobs.activation_bytes(shape, st, tokens, shape.n_layer, True, True)
-        # DDP buckets hold every gradient; SP all-reduces flat buckets of <= 16 M elements
-        bucket = params if par == "dp" else max(min(params, SP_BUCKET), largest_tensor(shape, True))
-        loads.append(RankLoad(params=params, bucket_params=bucket, ddp=par == "dp",
+        # DDP buckets hold every gradient; SP all-reduces flat buckets of <= 16 M elements;
+        # DiLoCo's outer step flattens the moves (fp32) and casts them for the wire
+        bucket = (params * (FP32 + wire) / FP32 if diloco else params if par == "dp"
+                  else max(min(params, SP_BUCKET), largest_tensor(shape, True)))
+        loads.append(RankLoad(params=params, bucket_params=bucket, ddp=par == "dp" and not diloco,
                               largest_tensor=largest_tensor(shape, True),
                               n_tensors=tensor_count(shape, shape.n_layer, True, True),
                               # gathered K/V are single allocations: memory, not element-wise time
                               saved_act_bytes=kept + transient + extra_act, act_bytes_per_step=produced,
                               family=shape.family, flops_per_step=flops, embed_grad_bytes=embed_bytes(shape),
-                              block_passes=shape.n_layer * g_r, micro_steps=g_r, opt_every=k,
-                              accumulate=par == "dp" and (k > 1 or g_r > 1), peers=w - 1, store=r == 0 and w > 1,
+                              block_passes=shape.n_layer * g_r, micro_steps=g_r, opt_every=1 if diloco else k,
+                              accumulate=par == "dp" and ((k > 1 and not diloco) or g_r > 1), peers=w - 1,
+                              store=r == 0 and w > 1,
                               **held))
         comm.append((comm_s, comm_b))
     costs = [cm.rank_cost(ld, s, cal) for ld, s in zip(loads, specs)]
     # ranks meet at every collective: the slowest rank sets the pace
     step = max(c.compute_s for c in costs) + max(c.optimizer_s for c in costs) + comm[0][0]
-    # with k > 1 most DP iterations neither all-reduce nor step the optimizer
-    typical = max(c.compute_s for c in costs) if k > 1 else step
+    # with k > 1 most DP iterations neither all-reduce nor step the optimizer (DiLoCo's
+    # step their inner optimizer but do not communicate)
+    typical = (max(c.compute_s + c.optimizer_s for c in costs) if diloco and k > 1
+               else max(c.compute_s for c in costs) if k > 1 else step)
     crit = max(range(w), key=lambda i: costs[i].compute_s)
     role = "replica" if par == "dp" else "shard"
     devices = [predict_rank(specs[r], r, f"{role} {r}", loads[r], costs[r], comm[r][0], comm[r][1], step,

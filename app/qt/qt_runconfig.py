@@ -97,6 +97,11 @@ class QtRunConfigPanel(QWidget):
         self.precision = QComboBox(self)
         self.precision.addItems(list(PRECISIONS))
         self.precision.setToolTip("bf16: autocast the forward where the device supports it")
+        self.dp_mode = QComboBox(self)
+        self.dp_mode.addItem("gradients every k steps (DDP)", "ddp")
+        self.dp_mode.addItem("low-bandwidth: DiLoCo", "diloco")
+        self.dp_mode.setToolTip("DiLoCo: each replica takes k optimizer steps alone, then their moves are "
+                                "averaged in one bf16 all-reduce and an outer Nesterov step (slow links)")
         self.dp_shares = QLabel(self)
         self.dp_shares.setToolTip("DP: each device's share of the batch, in rank order; set by the "
                                   "planner or --dp-shares")
@@ -110,6 +115,7 @@ class QtRunConfigPanel(QWidget):
         form.addRow("Sequence length", self.seq_len)
         form.addRow("Micro-batches", self.micro_batches)
         form.addRow("Sync every k steps", self.sync_every)
+        form.addRow("DP sync", self.dp_mode)
         form.addRow("PP schedule", self.schedule)
         form.addRow("Mode", self.mode)
         form.addRow("Learning rate", self.lr)
@@ -126,6 +132,7 @@ class QtRunConfigPanel(QWidget):
         for sig in (self.model.currentIndexChanged, self.parallelism.currentIndexChanged,
                     self.schedule.currentIndexChanged, self.mode.currentIndexChanged,
                     self.optimizer.currentIndexChanged, self.precision.currentIndexChanged,
+                    self.dp_mode.currentIndexChanged,
                     self.activation_checkpointing.toggled):
             sig.connect(self._changed)
         for spin in (self.steps, self.batch_size, self.seq_len, self.micro_batches, self.sync_every,
@@ -164,6 +171,7 @@ class QtRunConfigPanel(QWidget):
         self.schedule.setEnabled(par.pipelined)
         self.sync_every.setEnabled(par in (Parallelism.DP, Parallelism.HYBRID))
         self.grad_accumulation.setEnabled(par is Parallelism.DP)
+        self.dp_mode.setEnabled(par is Parallelism.DP)
         shares = self._base.dp_shares
         self.dp_shares.setEnabled(par is Parallelism.DP)
         self.dp_shares.setText(", ".join(f"{x / sum(shares):.2f}" for x in shares) if shares else "equal")
@@ -184,7 +192,8 @@ class QtRunConfigPanel(QWidget):
             device=self.mode.currentData(), checkpoint_every=self.checkpoint_every.value(),
             eval_every=self.eval_every.value(), optimizer=self.optimizer.currentText(),
             activation_checkpointing=self.activation_checkpointing.isChecked(),
-            grad_accumulation=self.grad_accumulation.value(), precision=self.precision.currentText())
+            grad_accumulation=self.grad_accumulation.value(), precision=self.precision.currentText(),
+            dp_mode=self.dp_mode.currentData())
 
     def set_settings(self, s: RunSettings) -> None:
         """Show ``s`` (one ``settings_changed`` at the end, not one per widget)."""
@@ -192,7 +201,7 @@ class QtRunConfigPanel(QWidget):
         widgets = [self.model, self.parallelism, self.schedule, self.mode, self.steps, self.batch_size,
                    self.seq_len, self.micro_batches, self.sync_every, self.lr, self.weights, self.dataset,
                    self.checkpoint_every, self.eval_every, self.optimizer, self.activation_checkpointing,
-                   self.grad_accumulation, self.precision]
+                   self.grad_accumulation, self.precision, self.dp_mode]
         for w in widgets:
             w.blockSignals(True)
         try:
@@ -217,6 +226,7 @@ class QtRunConfigPanel(QWidget):
             self.activation_checkpointing.setChecked(s.activation_checkpointing)
             self.grad_accumulation.setValue(s.grad_accumulation)
             self.precision.setCurrentText(s.precision)
+            self.dp_mode.setCurrentIndex(max(0, self.dp_mode.findData(s.dp_mode)))
         finally:
             for w in widgets:
                 w.blockSignals(False)
