@@ -1,28 +1,31 @@
-"""``edgetrain gui``: the desktop control panel."""
+"""``edgetrain gui``: the desktop control panel; ``gui --check``: can Qt start here?"""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 
+from app.cli import qtcheck
 from app.cli.flags import testbed_inventory
-
-GUI_PACKAGES = ("PySide6", "pyqtgraph")
 
 
 def cmd_gui(args: argparse.Namespace) -> int:
-    missing = [m for m in GUI_PACKAGES if importlib.util.find_spec(m) is None]
-    if missing:
-        print(f"error: the GUI needs {' and '.join(missing)}. Fix: pip install 'edgetrain[gui]'", file=sys.stderr)
+    if args.check:
+        findings = qtcheck.diagnose()
+        qtcheck.print_findings(findings)
+        return 0 if all(f.ok for f in findings) else 1
+    # Qt aborts the process on a missing library or display: look first, and explain
+    findings = qtcheck.diagnose(probe=False)
+    if not all(f.ok for f in findings):
+        print("error: the control panel cannot open here:", file=sys.stderr)
+        qtcheck.print_findings([f for f in findings if not f.ok], out=sys.stderr)
         return 2
     # Imported here, not at the top: PySide6 is the optional [gui] extra, and every other
     # command must start without it.
-    from app.qt.qt_app import has_display, run_gui
+    from app.qt.qt_app import probe_platform, run_gui
 
-    if not has_display():
-        print("error: no display. Fix: run on a desktop, or set QT_QPA_PLATFORM=offscreen "
-              "(or use xvfb-run)", file=sys.stderr)
-        return 2
+    if args.qt_probe:
+        print(f"qt-probe ok {probe_platform()}")
+        return 0
     inventory = args.inventory
     if inventory is None and args.session is None:
         default = testbed_inventory()
@@ -35,4 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inventory", help="inventory YAML to load (default: the running testbed's, if any)")
     p.add_argument("--session", help="session YAML to restore (devices, order, settings)")
     p.add_argument("--runs-dir", help="where run records go (default: $EDGETRAIN_HOME/runs)")
+    p.add_argument("--check", action="store_true",
+                   help="say whether Qt can start here (packages, libraries, display) and how to fix it; "
+                        "opens no window")
+    # the last step of --check, in a child process: Qt aborts its process when it cannot start
+    p.add_argument("--qt-probe", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_gui)

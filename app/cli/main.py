@@ -6,6 +6,7 @@ import logging
 import sys
 
 from app.cli import devices, gui, plan, resume, run, sweep, testbed
+from app.cli.extras import worker_extra_problem
 from app.devices.inventory import InventoryError
 from app.devices.ssh import SSHError
 from app.run.launcher import LaunchError
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    problem = worker_extra_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except (InventoryError, LaunchError, SSHError, TestbedError, KeyError, ValueError) as exc:
