@@ -102,3 +102,23 @@ def test_commands_that_run_worker_code_here_name_the_extra(no_torch, _edgetrain_
         assert "needs the worker extra" in out.stderr and "pip install 'edgetrain[worker]'" in out.stderr, args
         assert "Traceback" not in out.stderr
     assert not (_edgetrain_home / "testbed").exists()   # refused before anything started
+
+
+def test_the_local_testbed_and_export_say_they_need_the_worker_extra(no_torch, tmp_path):
+    code = f"""
+from pathlib import Path
+from app.workspace.local_testbed import LocalTestbed, TestbedRequest
+from app.testbed.emulation import TestbedError
+from app.extras import worker_extra_problem
+try:
+    LocalTestbed({str(tmp_path / 'tb')!r}).start(TestbedRequest(n_devices=2))
+except TestbedError as exc:
+    print("TESTBED:", exc)
+print("EXPORT:", worker_extra_problem("exporting run r1", "the export assembles the model here"))
+"""
+    out = _py(no_torch, "-c", code)
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(": ", 1) for line in out.stdout.splitlines() if line.startswith(("TESTBED", "EXPORT")))
+    for key in ("TESTBED", "EXPORT"):
+        assert "worker extra" in lines[key] and "pip install 'edgetrain[worker]'" in lines[key], out.stdout
+    assert not (tmp_path / "tb").exists() or not any((tmp_path / "tb").iterdir())   # nothing was started

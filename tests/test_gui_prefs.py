@@ -73,3 +73,15 @@ def test_a_corrupt_settings_file_is_ignored(qtbot, tmp_path):
         assert w.dockWidgetArea(w.config_dock) == Qt.RightDockWidgetArea
     finally:
         close_window(w)
+
+
+def test_gui_opens_a_running_testbed_not_a_stopped_ones(tmp_path):
+    from app.cli.flags import testbed_inventory
+    from app.cli.gui import start_inventory
+    from app.cli.main import build_parser
+
+    stale = testbed_inventory()               # a testbed that ran once and was stopped
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text("version: 1\ndevices: []\n")
+    assert start_inventory(build_parser().parse_args(["gui"])) is None
+    assert start_inventory(build_parser().parse_args(["gui", "--inventory", "x.yaml"])) == "x.yaml"

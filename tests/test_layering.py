@@ -20,7 +20,7 @@ OURS = ("app", "workers")
 MAX_LINES = 500
 
 #: Plain shared modules: any part of the controller may import them; they import none of ours.
-SHARED = {"app.paths", "app.signals", "app.boards"}
+SHARED = {"app.paths", "app.signals", "app.boards", "app.extras"}
 #: The standard-library-only part of ``workers`` that the controller imports (no torch).
 CONTRACT = {"workers", "workers.config", "workers.presets", "workers.protocol", "workers.probe",
             "workers.qnli", "workers.lifeline", "workers.checkpoint_manifest", "workers.energy",
@@ -28,7 +28,7 @@ CONTRACT = {"workers", "workers.config", "workers.presets", "workers.protocol", 
 BASE = SHARED | CONTRACT
 #: For each part (a package, or a shared module), the parts it may import.
 ALLOWED: dict[str, set[str]] = {
-    "app.paths": set(), "app.signals": set(), "app.boards": set(),
+    "app.paths": set(), "app.signals": set(), "app.boards": set(), "app.extras": set(),
     "app.planner": {"app.planner"} | BASE,
     "app.devices": {"app.devices"} | BASE,
     "app.testbed": {"app.testbed", "app.devices"} | BASE,

@@ -7,12 +7,11 @@ here, and say so up front instead of failing half-way with ``No module named 'to
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 
-#: The worker extra's packages that worker code imports on this machine.
-WORKER_PACKAGES = ("torch", "transformers", "tokenizers")
-WORKER_EXTRA_FIX = "pip install 'edgetrain[worker]'"
+from app.extras import missing_worker_packages
+from app.extras import worker_extra_problem as _problem
+
+__all__ = ["NEEDS_WORKER", "missing_worker_packages", "worker_extra_problem"]
 #: (command, action) pairs that run worker code on this machine, with what for.
 NEEDS_WORKER: dict[tuple[str, str | None], str] = {
     ("demo", None): "the demo trains on emulated devices on this machine",
@@ -22,18 +21,6 @@ NEEDS_WORKER: dict[tuple[str, str | None], str] = {
 }
 
 
-def _installed(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def missing_worker_packages() -> list[str]:
-    """The worker extra's packages this Python cannot import (found, not imported)."""
-    return [p for p in WORKER_PACKAGES if not _installed(p)]
-
-
 def worker_extra_problem(args: argparse.Namespace) -> str | None:
     """Why the parsed command cannot run here without the worker extra, with the fix;
     ``None`` when it needs no worker code here or the extra is installed."""
@@ -41,12 +28,5 @@ def worker_extra_problem(args: argparse.Namespace) -> str | None:
     why = NEEDS_WORKER.get(key) or NEEDS_WORKER.get((args.cmd, None))
     if why is None:
         return None
-    missing = missing_worker_packages()
-    if not missing:
-        return None
     name = " ".join(k for k in key if k)
-    if getattr(sys, "frozen", False):
-        return (f"'edgetrain {name}' needs the worker extra ({', '.join(missing)} missing: {why}); the desktop "
-                f"bundle is the controller only. Fix: run it from a pip install: {WORKER_EXTRA_FIX}")
-    return (f"'edgetrain {name}' needs the worker extra ({', '.join(missing)} missing: {why}). "
-            f"Fix: {WORKER_EXTRA_FIX}")
+    return _problem(f"'edgetrain {name}'", why)

@@ -6,6 +6,7 @@ import sys
 
 from app.cli import qtcheck
 from app.cli.flags import testbed_inventory
+from app.testbed.daemon import testbed_info
 
 
 def cmd_gui(args: argparse.Namespace) -> int:
@@ -26,11 +27,17 @@ def cmd_gui(args: argparse.Namespace) -> int:
     if args.qt_probe:
         print(f"qt-probe ok {probe_platform()}")
         return 0
-    inventory = args.inventory
-    if inventory is None and args.session is None:
-        default = testbed_inventory()
-        inventory = str(default) if default.is_file() else None
-    return run_gui(inventory=inventory, session=args.session, runs_dir=args.runs_dir)
+    return run_gui(inventory=start_inventory(args), session=args.session, runs_dir=args.runs_dir)
+
+
+def start_inventory(args: argparse.Namespace) -> str | None:
+    """The inventory the window opens with: ``--inventory``; else, when no session is
+    asked for, a running local testbed's (not a stopped one's: its devices would all show
+    offline); else none (the window reopens the last session, or shows its empty state)."""
+    if args.inventory is not None or args.session is not None:
+        return args.inventory
+    default = testbed_inventory()
+    return str(default) if default.is_file() and testbed_info(default.parent) is not None else None
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -15,6 +15,7 @@ from PySide6.QtWidgets import QApplication
 from app.paths import asset_path
 
 from .qt_main import QtMainWindow
+from .qt_prefs import apply_theme, saved_theme, session_to_restore
 from .qt_style import apply_app_style
 
 #: Set to a number of seconds: print one line once the main window is on screen, keep it
@@ -90,7 +91,9 @@ def run_gui(inventory: Path | str | None = None, session: Path | str | None = No
     """
     app = _application()
     apply_app_style(app)
-    window = QtMainWindow(inventory=inventory, session=session, runs_dir=runs_dir)
+    apply_theme(app, saved_theme())
+    # no inventory or session asked for: the last session, as the window was closed
+    window = QtMainWindow(inventory=inventory, session=session_to_restore(inventory, session), runs_dir=runs_dir)
     window.show()
     smoke = os.environ.get(SMOKE_ENV, "")
     if smoke:

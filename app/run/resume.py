@@ -18,6 +18,7 @@ import yaml
 
 from app.devices.inventory import Device, Inventory, InventoryError, load_inventory
 from app.devices.ssh import KnownHosts
+from app.extras import worker_extra_problem
 from app.run.checkpoints import CheckpointError, Devices, Found, find_latest
 from app.run.runstate import RunState
 from workers.config import RunSettings
@@ -120,6 +121,10 @@ def export_model(run: PastRun, found: Found, out: Path | None = None, overwrite:
     ResumeError
         The export failed (its message).
     """
+    problem = worker_extra_problem(f"exporting run {run.run_id}",
+                                   "the export assembles the model with torch and transformers here")
+    if problem:
+        raise ResumeError(problem)
     out = out or run.run_dir / MODEL_DIR
     s = run.settings
     cmd = [sys.executable, "-m", "workers.export", "--checkpoint", str(found.home), "--out", str(out),

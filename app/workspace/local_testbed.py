@@ -16,9 +16,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.extras import worker_extra_problem
 from app.testbed import cgroups
 from app.testbed.daemon import start_testbed, stop_testbed, testbed_info
-from app.testbed.emulation import TESTBED_PRESETS
+from app.testbed.emulation import TESTBED_PRESETS, TestbedError
 from app.testbed.local import DEFAULT_BASE_ADDR, DEFAULT_PORT, TestbedInfo, resolve_dir
 
 log = logging.getLogger("edgetrain.workspace.testbed")
@@ -133,6 +134,9 @@ class LocalTestbed:
             An impossible request.
         """
         presets = request.device_presets()
+        problem = worker_extra_problem("the local testbed", "its devices run their workers with this Python")
+        if problem and self.running() is None:
+            raise TestbedError(problem)
         with self._cond:
             if self._starting:
                 raise RuntimeError("the local testbed is already starting")
