@@ -6,7 +6,10 @@ default group.  Generation ``g`` builds its group over ``PrefixStore(f"g{g}/", s
 the rendezvous store (hosted by rank 0's worker); when a peer is lost the survivors drop
 that group (never destroy it: a collective may still be in flight on a gloo thread) and
 build generation ``g + 1`` among themselves.  A re-used prefix would hang in the store's
-barrier, so every generation has its own.
+barrier, so every generation has its own.  The store is reached as at the start, through
+rank 0's authenticating gate (:mod:`workers.rendezvous`); its connections are made when a
+worker joins the run, before any generation, so :class:`Links` never counts them as a
+generation's and never cuts them.
 
 Who survived is decided by the controller, which sees every worker's process and heartbeat;
 it writes ``regroup <generation> <rank,rank,...>`` (original ranks, in their new order) on

@@ -120,8 +120,10 @@ def run(cfg, rank: int, emitter, run_flags=None) -> int:
             torch.set_num_threads(threads)
         torch.manual_seed(cfg.seed)
         phase = run_flags.phase = "rendezvous"
+        # a stranger refused at the rendezvous gate goes into the run's events
         device = edist.init(rank, cfg.world_size, cfg.master_addr, cfg.master_port, cfg.addrs[rank],
-                            device=cfg.device, timeout_s=cfg.timeout_s)
+                            device=cfg.device, timeout_s=cfg.timeout_s,
+                            on_refused=lambda m: emitter.emit("event", name="rendezvous_refused", message=m))
         if cfg.device == "cuda":
             _cap_cuda_memory(torch, device)
         emitter.emit("event", name="joined", message=f"joined process group as rank {rank}/{cfg.world_size}")

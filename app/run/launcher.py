@@ -6,14 +6,14 @@ runs it on its own event-loop thread (``app.workspace.loop``).
 
 Stopping is explicit: each worker prints its PID first (``exec`` keeps the shell's PID),
 and on any ending the launcher kills those PIDs over a fresh channel.  Closing a
-channel is not enough: OpenSSH running as root ignores the client's signals.
+channel is not enough: OpenSSH running as root ignores the client's signals.  Each run has
+its own rendezvous secret, written on the workers' stdin (:mod:`app.run.rendezvous`).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import secrets
-import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,7 @@ from app.devices.remote import ASSET_FIELDS, asset_digest, kill_remote, push_ass
 from app.devices.ssh import KnownHosts, SSHError, connect
 from app.run.checkpoints import Found, stage, worker_dir
 from app.run.recovery import Recovery, attribute_oom, collective_timeout
+from app.run.rendezvous import PID_TAG, new_secret, pick_port, worker_command
 from app.run.resume import bring_model_home
 from app.run.runstate import RunState
 from app.run.telemetry import TelemetryParser
@@ -32,7 +33,6 @@ from workers.config import JobConfig
 from workers.lifeline import EXIT_OOM, EXIT_ORPHANED, EXIT_STOPPED, HEARTBEATS_PER_TIMEOUT
 
 log = logging.getLogger("edgetrain.launch")
-PID_TAG = "EDGETRAIN_PID"
 #: How long a worker waits for a silent controller before it ends itself.  Generous: the launcher's
 #: loop can be busy a moment, and a lost controller is noticed at once when its connection closes.
 LIFELINE_S = 10.0  # silence for this long + EMERGENCY_GRACE_S: a worker is gone within 20 s
@@ -66,20 +66,6 @@ class _Worker:
     reaped_after_done: bool = False   # killed by us after it had reported `done`
     last_seen: float = 0.0            # monotonic time of its last record (beats included)
     lost_reason: str = ""             # why the recovery took it for lost (frozen, unreachable)
-
-
-async def pick_port(conn: asyncssh.SSHClientConnection, device: Device) -> int:
-    """A free TCP port on the rendezvous device, chosen by the device itself."""
-    code = (f"import socket;s=socket.socket();s.bind(({device.host!r},0));"
-            "print(s.getsockname()[1])")
-    res = await conn.run(f"{shlex.quote(device.python)} -c {shlex.quote(code)}", check=False,
-                         encoding="utf-8", errors="replace")
-    try:
-        return int(str(res.stdout).strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise LaunchError(f"device '{device.name}' could not run {device.python} to pick a rendezvous port: "
-                          f"{str(res.stderr).strip()[:300]}. Fix: set 'python:' for this device in the "
-                          "inventory to an interpreter that has torch", device.name) from None
 
 
 async def on_device(device: Device, what: str, fix: str, coro):
@@ -144,12 +130,13 @@ class Launcher:
         self.stall_s = stall_s
         self.lifeline_s = lifeline_s
         self._last_record = time.monotonic()
-        self.parser = TelemetryParser()
+        self.parser = TelemetryParser.for_run(state)  # knows each device's rank; counts go to the record
         self.workers: list[_Worker] = []
         self._stop = asyncio.Event()
         self._stopping = False
         self.resume, self.export = resume, export
         self.recovery = Recovery(self)
+        self._secret = new_secret()  # this run's rendezvous secret: held here only, never recorded
 
     def request_stop(self, checkpoint: bool = True) -> None:
         """Ask the run to stop (thread-unsafe: call on the launcher's loop).
@@ -267,23 +254,20 @@ class Launcher:
             self.state.add_event(None, "info", f"resuming run {man.run_id} at step {man.step} "
                                                f"({man.kind} checkpoint, {man.total_bytes / 2**20:.1f} MiB)")
         w0 = self.workers[0]
-        job.master_port = await on_device(w0.device, "choosing a rendezvous port",
-                                          "check that the device's python runs", pick_port(w0.conn, w0.device))
+        job.master_port = await on_device(w0.device, "choosing a rendezvous port", "set 'python:' for this "
+                                          "device in the inventory to an interpreter that has torch",
+                                          pick_port(w0.conn, w0.device))
         try:
             job.validate()
         except ValueError as exc:
             raise LaunchError(f"the run's settings are inconsistent: {exc}") from None
 
-    def _command(self, w: _Worker) -> str:
-        py = shlex.quote(w.device.python)
-        d = shlex.quote(w.remote_dir)
-        return (f"cd {d} && echo {PID_TAG} $$ && exec env PYTHONPATH={d} PYTHONUNBUFFERED=1 "
-                f"{py} -m workers.train --rank {w.rank} --config-b64 {self.job.to_b64()}")
-
     async def _start(self, w: _Worker) -> None:
         """Start one worker and read its PID before anything else can go wrong."""
         # stdin stays open: it is the worker's lifeline (heartbeats in, end-of-file when we die)
-        w.proc = await w.conn.create_process(self._command(w), encoding="utf-8", errors="replace")
+        w.proc = await w.conn.create_process(worker_command(w.device, w.remote_dir, w.rank, self.job),
+                                             encoding="utf-8", errors="replace")
+        w.proc.stdin.write(self._secret + "\n")  # its shell reads this line into the environment
         self.state.set_status(w.device.name, "starting")
         line = await asyncio.wait_for(w.proc.stdout.readline(), 30)
         w.last_seen = time.monotonic()
@@ -465,7 +449,7 @@ class Launcher:
                 self.state.feed(rec)
             except (TypeError, ValueError, KeyError) as exc:
                 # a schema-valid record with a wrongly typed optional field: count it, go on
-                self.parser.rejected[name] += 1
+                self.parser.reject(name, "not applied", f"record not applied: {exc}")
                 log.warning("telemetry record from %s not applied: %s", name, exc)
         await w.proc.wait()
         await asyncio.gather(err_task, return_exceptions=True)

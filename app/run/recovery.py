@@ -38,15 +38,16 @@ SILENT_S = 2.0
 
 
 def silent_bound() -> float:
-    """:data:`SILENT_S`, stretched while this host is overloaded (load above its cores).
+    """:data:`SILENT_S`, stretched while this host is overloaded (load above twice its cores).
 
     On an overloaded controller host (a local testbed shares it with the workers) beats
     arrive late and an SSH round trip can take seconds, so an unstretched bound takes a
     slow device for a lost one.  A device that is really gone is still named, later; on a
-    host with spare cores nothing changes (a cut link is named within 5 s).
+    host that is merely busy (its own run's workers) nothing changes (a cut link is named
+    within 5 s).
     """
     try:
-        over = os.getloadavg()[0] / (os.cpu_count() or 1)
+        over = os.getloadavg()[0] / (2 * (os.cpu_count() or 1))
     except OSError:
         over = 1.0
     return SILENT_S * min(5.0, max(1.0, over))
@@ -132,6 +133,12 @@ class Recovery:
 
         async def later() -> None:
             await asyncio.sleep(PEER_LOST_GRACE_S)
+            # a member that has fallen silent is being looked at: wait for its verdict, or
+            # the group would re-form with a lost device and wait for it in the store
+            until = time.monotonic() + 6 * silent_bound()
+            while (self.generation == generation and time.monotonic() < until
+                   and any(o.last_seen and time.monotonic() - o.last_seen >= SILENT_S for o in self.alive())):
+                await asyncio.sleep(0.1)
             if self.generation == generation and self.alive():
                 self.generation += 1
                 members = self.alive()
