@@ -50,6 +50,7 @@ from app.planner.costmodel import GIB, DeviceSpec  # noqa: E402
 from app.planner.inputs import TESTBED_LINK  # noqa: E402
 from app.planner.links import Links  # noqa: E402
 from app.planner.plan import Plan, compare, make_plan  # noqa: E402
+from workers.config import RunSettings  # noqa: E402
 from workers.dist import free_port  # noqa: E402
 
 PARALLELISMS = ("dp", "sp", "tp", "pp", "hybrid")
@@ -256,13 +257,12 @@ def run_cell(model: str, par: str, presets: list[str], caps: str | None, batch: 
     links = Links(**TESTBED_LINK)
     cfg = dict(model=model, parallelism=par, batch_size=batch, seq_len=32, micro_batches=4,
                sync_every=sync_every, steps=steps, timeout_s=120.0)
-    plan = make_plan(model, par, specs, links, cfg, propose=False)
+    plan = make_plan(model, par, specs, links, RunSettings(**cfg), propose=False)
     cfg["stages"] = plan.stages
     t0 = time.monotonic()
     if args.direct:
         state = launch_direct(emu, cfg, plan, work / "runs")
     else:
-        from workers.config import RunSettings
         settings = RunSettings(**{k: v for k, v in cfg.items() if k != "stages"}, stages=plan.stages or None)
         state = launch_testbed(presets, caps, settings, plan, work, f"{model}-{par}", args.base_addr)
     devs = state.devices
@@ -367,12 +367,12 @@ def timing() -> None:
                         mem_is_virtual=True) for i in range(64)]
     for model in ("gpt2-l", "gpt2-s"):
         t0 = time.perf_counter()
-        cmp = compare(model, specs, Links(), {"batch_size": 128})
+        cmp = compare(model, specs, Links(), RunSettings(model=model, batch_size=128))
         print(f"compare({model}, 64 devices, {len(cmp.plans)} parallelisms): "
               f"{(time.perf_counter() - t0) * 1e3:.0f} ms")
     t0 = time.perf_counter()
     for _ in range(10):
-        make_plan("gpt2-s", "pp", specs[:4], Links(), {"batch_size": 128})
+        make_plan("gpt2-s", "pp", specs[:4], Links(), RunSettings(model="gpt2-s", batch_size=128))
     print(f"make_plan(gpt2-s, pp, 4 devices, with order search): {(time.perf_counter() - t0) * 100:.1f} ms")
 
 

@@ -24,12 +24,12 @@ from PySide6.QtCore import Qt, QTimer
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import QVBoxLayout, QWidget
 
-from app.workspace.series import SERIES, STEP_SERIES, SeriesStore
+from app.workspace.series import MEMORY_LABEL, SERIES, STEP_SERIES, SeriesStore
 
 pg.setConfigOptions(antialias=False, useOpenGL=False, background="w", foreground="#343a40")
 
 TITLES = {"energy": "Energy per sample", "latency": "Latency per sample",
-          "throughput": "Throughput", "memory": "Memory per device",
+          "throughput": "Throughput", "memory": f"{MEMORY_LABEL} per device",
           "loss": "Loss (cross-entropy; dashed: held-out)", "accuracy": "Held-out accuracy (%)"}
 #: The plot each series is drawn on (time series: their own).
 PLOT_OF = {"train_loss": "loss", "eval_loss": "loss", "accuracy": "accuracy"}
@@ -241,7 +241,8 @@ class QtLiveCharts(QWidget):
             colour = QColor(self.colour_of(device))
             colour.setAlpha(170)
             line = pg.InfiniteLine(angle=0, movable=False, pen=pg.mkPen(colour, width=1, style=Qt.DashLine))
-            line.setToolTip(f"{device}: predicted {TITLES[series].lower()}")
+            what = f"peak {MEMORY_LABEL}" if series == "memory" else TITLES[series].lower()
+            line.setToolTip(f"{device}: the plan's predicted {what}")
             self.plots[series].addItem(line, ignoreBounds=True)
             self._refs[key] = line
         line.setValue(value)

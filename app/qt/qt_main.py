@@ -31,9 +31,10 @@ from .qt_device_actions import QtDeviceActions
 from .qt_devices import QtDevicesPanel
 from .qt_drill import QtDrill
 from .qt_file_actions import QtFileActions
-from .qt_history import QtRunHistory, QtRunViewer, apply_plan_references
+from .qt_history import QtHistoryActions, QtRunHistory, QtRunViewer, apply_plan_references
 from .qt_plan import QtPlanner, QtPlanView
 from .qt_prefs import QtPrefs
+from .qt_progress import QtRunProgress
 from .qt_run import QtRunController
 from .qt_runconfig import QtRunConfigPanel
 from .qt_runviews import QtEventLog, QtRunSummary, QtTimeline
@@ -109,6 +110,7 @@ class QtMainWindow(QMainWindow):
         self.summary = QtRunSummary(self)
         self.history = QtRunHistory(lambda: ws.runs_dir, self)
         self.run = QtRunController(self.loop, self.futures, self)
+        self.progress = QtRunProgress(self.run, self)   # follows the run by itself
         self.device_actions = QtDeviceActions(ws, self.loop, self.futures, self)
         self.drill = QtDrill(self.run, self.loop, self.futures, ws.testbed_dirs, self)
         self.file_actions = QtFileActions(self.charts, self)
@@ -129,6 +131,7 @@ class QtMainWindow(QMainWindow):
         self.left_dock = self._dock("Devices and plan", left, Qt.LeftDockWidgetArea)
         self.config_dock = self._dock("Run configuration", self.run_config, Qt.RightDockWidgetArea)
         self.bottom_tabs = QTabWidget(self)
+        self.bottom_tabs.addTab(self.progress, "Progress")
         self.bottom_tabs.addTab(self.event_log, "Event log")
         self.bottom_tabs.addTab(self.timeline, "Recovery")
         self.bottom_tabs.addTab(self.summary, "Run summary")
@@ -227,6 +230,7 @@ class QtMainWindow(QMainWindow):
         self.run.finished.connect(self._on_finished)
         self.history.open_requested.connect(self.open_run)
         self.history.resume_requested.connect(self.resume_run)
+        self.history_actions = QtHistoryActions(self)   # compare, re-run, export model
         self.device_actions.message.connect(self.statusBar().showMessage)
         self.file_actions.message.connect(self.statusBar().showMessage)
         self.file_actions.inventory_chosen.connect(self.load_inventory)
@@ -392,7 +396,7 @@ class QtMainWindow(QMainWindow):
         self.event_log.clear()
         self.timeline.clear()
         self.summary.clear()
-        self.bottom_tabs.setCurrentWidget(self.event_log)
+        self.bottom_tabs.setCurrentWidget(self.progress)
         for n in names:
             self.workspace.topology.set_status(n, "pending")
         self.devices_panel.model.set_busy(set(names))

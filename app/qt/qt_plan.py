@@ -24,7 +24,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.workspace.preview import PlanPreview, compute_preview
+from app.workspace.preview import CapKind, MemoryFigures, PlanPreview, compute_preview
+from app.workspace.series import MEMORY_LABEL
 
 from .qt_style import MEM_BAR_COLOURS, MEM_COLOURS, fmt_bytes, fmt_ms, fmt_num
 
@@ -109,7 +110,14 @@ class QtPlanner(QObject):
             self._executor = None
 
 
-PLAN_COLUMNS = ("Device", "Memory (pred / cap)", "Latency", "Energy", "OOM")
+#: The memory column names the quantity exactly as the memory chart does (predicted peak
+#: of the same resident memory); the cap, and what enforces it, is a column of its own.
+PLAN_COLUMNS = ("Device", MEMORY_LABEL, "Cap", "Latency", "Energy")
+MEMORY_TIP = (f"{MEMORY_LABEL}: predicted peak resident (physical) memory, the quantity the memory chart "
+              "plots.\nCap: the device's limit, and below it what enforces it: RAM, a cgroup, or the "
+              "address space (RLIMIT_AS on a testbed device without root, which caps the virtual size: "
+              "then the predicted address space stands before the cap, and that is what must fit). "
+              "Red: out of memory predicted.")
 
 
 class QtPlanView(QWidget):
@@ -132,10 +140,13 @@ class QtPlanView(QWidget):
         self.table.setShowGrid(False)
         hdr = self.table.horizontalHeader()
         hdr.setSectionResizeMode(QHeaderView.ResizeToContents)
-        hdr.setSectionResizeMode(1, QHeaderView.Stretch)
-        self.table.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
-        self.table.setToolTip("Predicted peak memory against the device's capacity, and latency and "
-                              "energy per sample")
+        hdr.setStretchLastSection(True)
+        # the cap and its kind on two lines: the table fits the narrow dock
+        self.table.setWordWrap(True)
+        self.table.verticalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
+        self.table.setToolTip(MEMORY_TIP + "\nLatency and energy: per sample.")
+        for col in (1, 2):
+            self.table.horizontalHeaderItem(col).setToolTip(MEMORY_TIP)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(4, 4, 4, 4)
         lay.addWidget(self.headline)
@@ -163,18 +174,37 @@ class QtPlanView(QWidget):
         self.source.setWordWrap(True)
         self.table.setRowCount(len(pv.devices))
         for r, d in enumerate(pv.devices):
-            mem, cap_bytes = d.capped_peak_bytes, d.limit_bytes
-            cap = fmt_bytes(cap_bytes) if cap_bytes else "no cap"
-            frac = mem / cap_bytes if mem and cap_bytes else None
-            level = "oom" if d.oom else ("unknown" if frac is None else "warning" if frac >= 0.85 else "ok")
-            cells = (d.name, f"{fmt_bytes(mem)} / {cap}", fmt_ms(d.latency_per_sample_s),
-                     fmt_num(d.energy_per_sample_j, ".3g", "J"), "OOM" if d.oom else "")
+            mem = pv.memory(d.name)
+            cells = (d.name, fmt_bytes(mem.peak_rss_bytes), cap_text(mem), fmt_ms(d.latency_per_sample_s),
+                     fmt_num(d.energy_per_sample_j, ".3g", "J"))
             for c, text in enumerate(cells):
                 item = self.table.item(r, c)
                 if item is None:
                     item = QTableWidgetItem()
                     self.table.setItem(r, c, item)
                 item.setText(text)
-                item.setBackground(QBrush(MEM_COLOURS[level]) if c == 1 else QBrush())
-                if c == 4:
-                    item.setForeground(QBrush(MEM_BAR_COLOURS["oom"]))
+                # the cap cell carries the verdict: how full the cap is, and OOM in red
+                item.setBackground(QBrush(MEM_COLOURS[mem.level]) if c == 2 else QBrush())
+                item.setForeground(QBrush(MEM_BAR_COLOURS["oom"]) if c == 2 and mem.oom else QBrush())
+
+    def cell(self, row: int, column: str) -> str:
+        """The text of ``row``'s cell under the header ``column`` (tests, screenshots)."""
+        return self.table.item(row, PLAN_COLUMNS.index(column)).text()
+
+
+def cap_text(mem: MemoryFigures) -> str:
+    """A device's cap and what enforces it; under an address-space cap, the predicted
+    address space first, since that is what the cap limits."""
+    if mem.cap_kind is CapKind.NONE or not mem.cap_bytes:
+        return CapKind.NONE.value
+    oom = " · OOM" if mem.oom else ""
+    if mem.cap_kind is CapKind.ADDRESS_SPACE:
+        return f"{fmt_bytes_pair(mem.address_space_bytes, mem.cap_bytes)}\n{mem.cap_kind.value}{oom}"
+    return f"{fmt_bytes(mem.cap_bytes)}\n{mem.cap_kind.value}{oom}"
+
+
+def fmt_bytes_pair(a: float | None, b: float | None, sep: str = " / ") -> str:
+    """``"3.1 / 4 GiB"``: two sizes in the unit of the larger, ``—`` for one not known."""
+    big = max(a or 0, b or 0) >= 2**30
+    scale, spec, unit = (2**30, ".3g", "GiB") if big else (2**20, ".0f", "MiB")
+    return sep.join("—" if v is None else format(v / scale, spec) for v in (a, b)) + f" {unit}"

@@ -123,6 +123,14 @@ class QtTimeline(QWidget):
         self.hint.setVisible(True)
 
 
+def _rejected_text(s: dict[str, Any]) -> str:
+    """"rejected telemetry: 3 lines (dev1: 2 not finite, 1 rank)" from a summary."""
+    per = s.get("rejected_telemetry") or {}
+    detail = "; ".join(f"{dev}: " + ", ".join(f"{n} {why}" for why, n in sorted(reasons.items()))
+                       for dev, reasons in sorted(per.items()))
+    return f"rejected telemetry: {s['rejected_telemetry_lines']} lines" + (f" ({detail})" if detail else "")
+
+
 class QtRunSummary(QWidget):
     """The run's totals and one row per device (from ``RunState.summary()`` or a record)."""
 
@@ -168,6 +176,8 @@ class QtRunSummary(QWidget):
                          f"({done[-1].get('kind')}); Resume in History continues from it")
         if s.get("model_dir"):
             parts.append(f"trained model: {s['model_dir']}")
+        if s.get("rejected_telemetry_lines"):
+            parts.append(_rejected_text(s))
         self.durable.setText("<br>".join(parts))
         self.durable.setVisible(bool(parts))
         devs = s.get("devices") or []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Sequence
 
 from app.devices.inventory import Device
@@ -20,6 +21,65 @@ from app.run.planning import device_specs
 from workers.config import RunSettings
 
 log = logging.getLogger("edgetrain.preview")
+
+
+class CapKind(str, Enum):
+    """What enforces a device's memory limit, as the views name it."""
+
+    NONE = "no cap"
+    RAM = "RAM"                          # a real board's physical memory
+    CGROUP = "cgroup"                    # a testbed device's memory cgroup (physical memory)
+    ADDRESS_SPACE = "address space"      # RLIMIT_AS on a testbed device (virtual size)
+
+
+@dataclass(frozen=True)
+class MemoryFigures:
+    """One device's predicted memory, split so that every figure names its quantity.
+
+    Attributes
+    ----------
+    peak_rss_bytes
+        Predicted peak resident memory: what the memory chart measures, under
+        :data:`app.workspace.series.MEMORY_LABEL`.
+    cap_bytes, cap_kind
+        The device's limit and what enforces it.
+    address_space_bytes
+        Predicted peak virtual size, only for a device capped on its address space
+        (``RLIMIT_AS``), where that, not the resident memory, is what runs out.
+    fraction
+        The capped quantity's share of the cap (``None`` without a cap).
+    """
+
+    name: str
+    peak_rss_bytes: int
+    cap_bytes: int | None
+    cap_kind: CapKind
+    address_space_bytes: int | None
+    fraction: float | None
+    oom: bool
+
+    @classmethod
+    def of(cls, d: DevicePrediction, mem_cap: str | None = None) -> MemoryFigures:
+        """From a device's prediction and its ``mem_cap`` label (``cgroup`` on a testbed as root)."""
+        if not d.limit_bytes or d.limit_kind == "none":
+            kind = CapKind.NONE
+        elif d.limit_kind == "virtual":
+            kind = CapKind.ADDRESS_SPACE
+        else:
+            kind = CapKind.CGROUP if mem_cap == "cgroup" else CapKind.RAM
+        capped = d.capped_peak_bytes
+        return cls(d.name, int(d.peak_rss_bytes), d.limit_bytes or None, kind,
+                   int(d.peak_virtual_bytes) if kind is CapKind.ADDRESS_SPACE else None,
+                   capped / d.limit_bytes if d.limit_bytes and capped else None, bool(d.oom))
+
+    @property
+    def level(self) -> str:
+        """``oom``, ``warning`` (85 % of the cap or more), ``ok`` or ``unknown``."""
+        if self.oom:
+            return "oom"
+        if self.fraction is None:
+            return "unknown"
+        return "warning" if self.fraction >= 0.85 else "ok"
 
 
 @dataclass
@@ -36,12 +96,21 @@ class PlanPreview:
         Participants in the order the planner suggests (Auto-arrange applies it).
     error
         Why planning failed, when it did.
+    mem_caps
+        Each participant's ``mem_cap`` label (``cgroup``, ``address-space``, or none), which
+        tells a testbed's memory cgroup from a board's RAM in :meth:`memory`.
     """
 
     plan: Plan | None = None
     recommendation: str = ""
     suggested_order: list[str] = field(default_factory=list)
     error: str | None = None
+    mem_caps: dict[str, str] = field(default_factory=dict)
+
+    def memory(self, name: str) -> MemoryFigures | None:
+        """The predicted memory of ``name`` as the views show it (``None`` if not planned)."""
+        d = self.device(name)
+        return None if d is None else MemoryFigures.of(d, self.mem_caps.get(name))
 
     @property
     def devices(self) -> list[DevicePrediction]:
@@ -107,7 +176,9 @@ def compute_preview(settings: RunSettings, order: list[str], devices: Sequence[D
     if plan.proposed_order:
         rec.append("Auto-arrange applies the faster order " + " → ".join(plan.proposed_order) + ".")
     rec += [w for w in plan.warnings if not w.startswith("order ")]
-    return PlanPreview(plan=plan, recommendation="\n".join(rec), suggested_order=list(plan.proposed_order or order))
+    caps = {d.name: d.labels.get("mem_cap", "") for d in devices}
+    return PlanPreview(plan=plan, recommendation="\n".join(rec), suggested_order=list(plan.proposed_order or order),
+                       mem_caps=caps)
 
 
 def _advice(shape: Any, specs: list, links: Any, settings: RunSettings) -> list[str]:
