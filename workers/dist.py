@@ -31,6 +31,10 @@ _ADDR_ENV = "EDGETRAIN_BIND_ADDR"
 _endpoints: list[Gate | Relay] = []
 
 
+#: How long joining the run may wait for its slowest rank (seconds).
+JOIN_S = 600.0
+
+
 def _create_gloo(store, rank: int, size: int, timeout: datetime.timedelta):
     opts = dist.ProcessGroupGloo._Options()
     addr = os.environ.get(_ADDR_ENV, "")
@@ -144,8 +148,13 @@ def init(rank: int, world_size: int, master_addr: str, master_port: int, bind_ad
         backend, dev = BACKEND, torch.device("cpu")
     if secret is None:
         secret = os.environ.pop(SECRET_ENV, None)
-    store = rendezvous_store(rank, world_size, master_addr, master_port, timeout, secret, on_refused)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    # A slow board (an emulated Nano at a tenth of a core, a real one on an SD card) may take
+    # minutes to import torch: joining waits that long for the last rank, a collective does not
+    join = datetime.timedelta(seconds=max(timeout_s, JOIN_S))
+    store = rendezvous_store(rank, world_size, master_addr, master_port, join, secret, on_refused)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=join)
+    store.set_timeout(timeout)
+    dist.distributed_c10d._set_pg_timeout(timeout)  # a silent peer fails a collective after timeout_s
     return dev
 
 

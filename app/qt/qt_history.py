@@ -11,6 +11,7 @@ from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QFileDialog,
+    QGridLayout,
     QHBoxLayout,
     QListWidget,
     QListWidgetItem,
@@ -169,11 +170,13 @@ class QtRunHistory(QWidget):
         self.rerun_button.clicked.connect(lambda: self._one("rerun", self.rerun_requested))
         self.resume_button.clicked.connect(lambda: self._one("resume", self.resume_requested))
         self.export_button.clicked.connect(lambda: self._one("export", self.export_requested))
-        bar = QHBoxLayout()
-        for b in (refresh, self.open_button, self.compare_button, self.rerun_button, self.resume_button,
-                  self.export_button):
-            bar.addWidget(b)
-        bar.addStretch(1)
+        # two rows of three: one row of six made the Run dock (and so the window's right
+        # column) too wide for the charts beside it
+        bar = QGridLayout()
+        for i, b in enumerate((refresh, self.open_button, self.compare_button, self.rerun_button,
+                               self.resume_button, self.export_button)):
+            bar.addWidget(b, i // 3, i % 3)
+        bar.setColumnStretch(3, 1)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addWidget(self.list, 1)

@@ -15,7 +15,7 @@ from typing import Any
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QAction, QCloseEvent, QKeySequence, QUndoStack
-from PySide6.QtWidgets import QDockWidget, QLabel, QMainWindow, QMessageBox, QSplitter, QTabWidget, QToolBar, QWidget
+from PySide6.QtWidgets import QDockWidget, QLabel, QMainWindow, QMessageBox, QSplitter, QTabWidget, QWidget
 
 from app.workspace.loop import AsyncLoop
 from app.workspace.preview import PlanPreview, compute_preview
@@ -32,13 +32,13 @@ from .qt_devices import QtDevicesPanel
 from .qt_drill import QtDrill
 from .qt_file_actions import QtFileActions
 from .qt_history import QtHistoryActions, QtRunHistory, QtRunViewer, apply_plan_references
+from .qt_menus import _action, build_menus
 from .qt_plan import QtPlanner, QtPlanView
 from .qt_prefs import QtPrefs
 from .qt_progress import QtRunProgress
 from .qt_run import QtRunController
 from .qt_runconfig import QtRunConfigPanel
 from .qt_runviews import QtEventLog, QtRunSummary, QtTimeline
-from .qt_study import QtStudyWindow
 from .qt_style import device_colour, fmt_ms, titled
 
 log = logging.getLogger("edgetrain.qt")
@@ -81,7 +81,7 @@ class QtMainWindow(QMainWindow):
         self._menu = None   # the open context menu (kept alive while it shows)
         self.prefs = QtPrefs(self)
         self._build_views()
-        self._build_actions()
+        build_menus(self)
         self._wire()
         self.resize(1400, 900)
         self.prefs.restore_layout()
@@ -149,65 +149,7 @@ class QtMainWindow(QMainWindow):
         return dock
 
     def _action(self, text: str, slot, shortcut: QKeySequence | str | None = None, tip: str = "") -> QAction:
-        act = QAction(text, self)
-        act.triggered.connect(slot)
-        if shortcut is not None:
-            act.setShortcut(QKeySequence(shortcut))
-        if tip:
-            act.setToolTip(tip)
-            act.setStatusTip(tip)
-        return act
-
-    def _build_actions(self) -> None:
-        # own actions (not createUndoAction): a fixed label keeps the toolbar from jumping;
-        # the command's text goes into the tooltip
-        self.undo_action = self._action("Undo", self.undo_step, QKeySequence.Undo)
-        self.redo_action = self._action("Redo", self.redo_step, "Ctrl+Shift+Z")
-        self.redo_action.setShortcuts([QKeySequence("Ctrl+Shift+Z"), QKeySequence("Ctrl+Y")])
-        self.undo_action.setEnabled(False)
-        self.redo_action.setEnabled(False)
-        self.undo.canUndoChanged.connect(self.undo_action.setEnabled)
-        self.undo.canRedoChanged.connect(self.redo_action.setEnabled)
-        self.undo.undoTextChanged.connect(lambda t: self.undo_action.setToolTip(f"Undo {t}" if t else "Undo"))
-        self.undo.redoTextChanged.connect(lambda t: self.redo_action.setToolTip(f"Redo {t}" if t else "Redo"))
-        self.launch_action = self._action("▶ Launch", self.launch, "Ctrl+R", "Start a run on the participants")
-        self.stop_action = self._action("■ Stop", self.stop_run, "Ctrl+.", "Stop the run (workers are killed)")
-        self.stop_action.setEnabled(False)
-        self.arrange_action = self._action("Auto-arrange", self.auto_arrange, None,
-                                           "Apply the planner's suggested stage order")
-        self.study = QtStudyWindow(self.workspace, self.loop, self.futures, self.run, self, (self.launch_action,))
-        study = self._action("Study…", self.study.open_study, "Ctrl+Shift+S", "Every model × parallelism, one figure")
-        open_inv = self._action("Open inventory…", self.file_actions.ask_inventory, "Ctrl+I")
-        open_ses = self._action("Open session…", self.file_actions.ask_open_session, QKeySequence.Open)
-        save_ses = self._action("Save session…", self.file_actions.ask_save_session, QKeySequence.Save)
-        png = self._action("Export chart PNG…", self.file_actions.ask_export_png)
-        csv_ = self._action("Export chart CSV…", self.file_actions.ask_export_csv)
-        quit_ = self._action("Quit", self.close, QKeySequence.Quit)
-        for act in (self.undo_action, self.redo_action, self.launch_action, self.stop_action):
-            act.setShortcutContext(Qt.ApplicationShortcut)
-            self.addAction(act)
-        bar = QToolBar("Main", self)
-        bar.setObjectName("main-toolbar")
-        bar.setMovable(False)
-        bar.setToolButtonStyle(Qt.ToolButtonTextOnly)
-        for act in (self.launch_action, self.stop_action, None, self.undo_action, self.redo_action,
-                    self.arrange_action, None, open_inv, open_ses, save_ses, None, png, csv_):
-            bar.addSeparator() if act is None else bar.addAction(act)
-        self.addToolBar(bar)
-        menus = self.menuBar()
-        for title, acts in (("&File", (open_inv, open_ses, save_ses, None, png, csv_, None, quit_)),
-                            ("&Edit", (self.undo_action, self.redo_action)),
-                            ("&Run", (self.launch_action, self.stop_action, self.arrange_action, None, study))):
-            menu = menus.addMenu(title)
-            for act in acts:
-                menu.addSeparator() if act is None else menu.addAction(act)
-        dev_menu = menus.addMenu("&Devices")
-        for text, slot in (("Add device…", self.device_actions.add_device),
-                           ("Trust host key…", self.devices_panel.request_trust),
-                           ("Re-profile", self.devices_panel.request_reprofile),
-                           ("Check", self.device_actions.check)):
-            dev_menu.addAction(self._action(text, slot))
-        self.prefs.add_menu(menus)
+        return _action(self, text, slot, shortcut, tip)
 
     def _wire(self) -> None:
         self.devices_panel.participant_toggled.connect(self.toggle_participant)
