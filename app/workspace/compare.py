@@ -36,7 +36,7 @@ CHARTS: dict[str, tuple[str, str, str]] = {
     "latency": ("Latency per sample (slowest device)", "ms/sample", "time since the first step (s)"),
     "energy": ("Energy per sample (all devices)", "J/sample", "time since the first step (s)"),
     "memory": ("Peak memory per device", "MiB", "rank"),
-    "loss": ("Loss (cross-entropy; dashed: held-out)", "cross-entropy", "completed steps"),
+    "loss": ("Loss (dashed: held-out)", "cross-entropy", "completed steps"),
 }
 
 
