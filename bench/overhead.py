@@ -1,0 +1,98 @@
+"""EdgeTrain DP next to the bare engine: the throughput ratio, with its spread.
+
+Alternates, ``--reps`` times each:
+
+* **bare**: ``torchrun --nproc-per-node N bench/bare_ddp.py`` (DDP, same model, same global
+  batches and slices, AdamW, sync every ``--sync-every`` steps, one thread per rank);
+* **EdgeTrain**: the ``edgetrain run`` path (``prepare_run`` + ``Launcher.run``) on a local
+  testbed of N uncapped devices (no cgroups: the bare processes have none either), one
+  thread each, over real SSH, with telemetry, heartbeats and the rendezvous gate, no
+  checkpoints or evaluation.
+
+Each run's figure is the median step time after the first step (the slowest rank for
+EdgeTrain, from its telemetry; rank 0 for bare, whose ranks meet at every sync).  Prints
+each run, the medians and spreads, and last the EdgeTrain/bare throughput ratio.
+
+    .venv/bin/python bench/overhead.py [--model gpt2-s] [--batch-size 32] [--steps 6] [--reps 3]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from app.devices.inventory import load_inventory  # noqa: E402
+from app.run.jobs import prepare_run  # noqa: E402
+from app.testbed.local import Testbed  # noqa: E402
+from workers.config import RunSettings  # noqa: E402
+from workers.dist import free_port  # noqa: E402
+
+
+def bare(args: argparse.Namespace) -> float:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.devices}",
+           f"--master-port={free_port()}", str(ROOT / "bench" / "bare_ddp.py"), "--model", args.model,
+           "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--sync-every", str(args.sync_every)]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("{")), None)
+    if out.returncode != 0 or line is None:
+        raise RuntimeError(f"bare DDP failed: {out.stderr[-2000:]}")
+    return float(json.loads(line)["median_step_s"])
+
+
+async def edgetrain(tb: Testbed, work: Path, args: argparse.Namespace) -> float:
+    s = RunSettings(model=args.model, parallelism="dp", steps=args.steps, batch_size=args.batch_size, seq_len=32,
+                    sync_every=args.sync_every, checkpoint_every=0, checkpoint_minutes=0, eval_every=0,
+                    timeout_s=600, lr=5e-5)
+    launcher, state = prepare_run(load_inventory(tb.inventory_path), None, s, work / "runs")
+    outcome = await launcher.run()
+    if outcome != "done":
+        raise RuntimeError(f"EdgeTrain run {outcome}: {[e.message for e in state.events][-3:]}")
+    # latency_per_sample is the step time over the global batch: back to seconds per step
+    return max(statistics.median(d.latencies[1:] or d.latencies) for d in state.devices.values()) * args.batch_size
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    got: dict[str, list[float]] = {"bare": [], "edgetrain": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        async with Testbed(Path(tmp) / "tb", n_devices=args.devices, port=0, base_addr="127.0.38.1",
+                           threads=1, cgroups=False) as tb:
+            for rep in range(args.reps):
+                # alternate which goes first, so a drift in the host's load hits both alike
+                order = ("bare", "edgetrain") if rep % 2 == 0 else ("edgetrain", "bare")
+                for name in order:
+                    t = bare(args) if name == "bare" else await edgetrain(tb, Path(tmp), args)
+                    got[name].append(t)
+                    print(f"  rep {rep + 1} {name:<9} {t:8.3f} s/step  {args.batch_size / t:7.2f} samples/s", flush=True)
+    print(f"\n{args.model}, {args.devices} devices x 1 thread, batch {args.batch_size} x 32, sync every "
+          f"{args.sync_every}, {args.steps} steps (median after the first), {args.reps} runs each, alternated")
+    med = {}
+    for name, ts in got.items():
+        med[name] = statistics.median(ts)
+        print(f"{name:<10} median {med[name]:.3f} s/step  (min {min(ts):.3f}, max {max(ts):.3f}; "
+              f"spread {100 * (max(ts) - min(ts)) / med[name]:.0f}%)")
+    print(f"EdgeTrain/bare throughput: {med['bare'] / med['edgetrain']:.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gpt2-s")
+    ap.add_argument("--devices", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--sync-every", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=3)
+    asyncio.run(main_async(ap.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
