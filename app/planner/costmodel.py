@@ -80,6 +80,11 @@ class Calibration:
         the workers package + a gloo group.  Measured: ``bench/plan_calibrate.py
         --overhead`` (``ru_maxrss`` after ``import torch, transformers, workers.train``
         and ``workers.dist.init`` of a one-rank group).
+    runtime_file_bytes
+        The file-backed part of a training worker's RSS (torch's and oneDNN's shared
+        libraries: ``RssFile`` in ``/proc/<pid>/status``, ~100 MiB measured during tiny-gpt2
+        steps).  Under a physical (cgroup) cap the kernel reclaims these pages before it
+        kills: a tiny-gpt2 rank of 450 MiB RSS trained under a 410 MiB cgroup limit.
     rss_per_peer_bytes
         Extra RSS per other rank in the group (gloo pairs and buffers): not measurable
         with 2 and 4 ranks (within 5 MB), so 0.
@@ -117,6 +122,7 @@ class Calibration:
     opt_s_per_tensor: float = 3.2e-5
     ref_core_gflops: float = 200.0
     runtime_rss_bytes: int = 340 * MIB
+    runtime_file_bytes: int = 96 * MIB
     rss_per_peer_bytes: int = 0
     first_step_rss_bytes: int = 30 * MIB
     act_factor: Mapping[str, float] = field(default_factory=lambda: {"gpt2": 1.9, "bert": 1.6, "opt": 1.8})
@@ -339,6 +345,9 @@ class RankCost:
     # allocates the state: in time order these come before the steady phases
     first_rss: dict[str, float] = field(default_factory=dict)
     first_virtual: dict[str, float] = field(default_factory=dict)
+    # file-backed resident pages (the runtime's shared libraries): in RSS, but a memory
+    # cgroup at its limit reclaims them instead of killing the process
+    reclaimable: float = 0.0
 
     def timeline(self, virtual: bool) -> list[tuple[str, float]]:
         """(phase, bytes) in the order a run goes through them."""
@@ -423,7 +432,7 @@ def rank_cost(load: RankLoad, spec: DeviceSpec, cal: Calibration = CALIBRATION) 
                               load.micro_steps, cal, load.embed_grad_bytes * load.micro_steps, load.tp_modules)
     opt_s = optimizer_seconds(spec, load.params, load.n_tensors, cal, opt) / max(1, load.opt_every)
     return RankCost(rss=rss, virtual=virtual, compute_s=compute, optimizer_s=opt_s, first_rss=first_rss,
-                    first_virtual=first_virtual)
+                    first_virtual=first_virtual, reclaimable=float(cal.runtime_file_bytes))
 
 
 @dataclass
@@ -444,9 +453,11 @@ def memory_verdict(cost: RankCost, spec: DeviceSpec) -> MemoryVerdict:
         return MemoryVerdict(None, "none", None, None, False, None)
     pred = cost.virtual if spec.mem_is_virtual else cost.rss
     limit = int(spec.mem_bytes)
+    # a physical cap is met by what cannot be reclaimed: RSS less the file-backed pages
+    spare = 0.0 if spec.mem_is_virtual else cost.reclaimable
     # the first phase, in time order, that does not fit is where the run would fail
-    oom_phase = next((p for p, need in cost.timeline(spec.mem_is_virtual) if need > limit), None)
-    peak = max(pred.values())
+    oom_phase = next((p for p, need in cost.timeline(spec.mem_is_virtual) if need - spare > limit), None)
+    peak = max(pred.values()) - spare
     return MemoryVerdict(limit, "virtual" if spec.mem_is_virtual else "rss", limit - peak,
                          (limit - peak) / limit, oom_phase is not None, oom_phase)
 
