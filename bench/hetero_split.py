@@ -33,10 +33,12 @@ from workers.config import RunSettings  # noqa: E402
 async def one(inv, tmp: Path, s: RunSettings) -> tuple[float | None, str]:
     launcher, state = prepare_run(inv, None, s, tmp / "runs")
     outcome = await launcher.run()
-    summ = state.summary()
     how = (f"shares {[round(x, 2) for x in launcher.job.dp_shares]}" if launcher.job.dp_shares
            else f"stages {[tuple(st['layers']) for st in launcher.job.stages]}" if launcher.job.stages else "")
-    lat = summ["latency_per_sample_s"] if outcome == "done" else None
+    # the mean over the steps after the first (slowest device): with --sync-every k the
+    # median would skip the steps that synchronise
+    means = [statistics.mean(d.latencies[1:] or d.latencies) for d in state.devices.values() if d.latencies]
+    lat = max(means) if outcome == "done" and means else None
     return lat, f"{outcome} {how}"
 
 
@@ -47,7 +49,8 @@ async def main_async(args) -> None:
             print("testbed: " + ", ".join(f"{d.name} cpu {d.cpu_share:.2f}" if d.cpu_share else d.name
                                           for d in tb.devices), flush=True)
             inv = load_inventory(tb.inventory_path)
-            base = dict(model=args.model, steps=args.steps, batch_size=args.batch_size, seq_len=32, sync_every=1,
+            base = dict(model=args.model, steps=args.steps, batch_size=args.batch_size, seq_len=32,
+                        sync_every=args.sync_every,
                         micro_batches=4, checkpoint_every=0, checkpoint_minutes=0, eval_every=0, timeout_s=600)
             n = len(tb.devices)
             even_pp = RunSettings(parallelism="pp", **base)
@@ -81,6 +84,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--sync-every", type=int, default=1, help="DP: gradients synchronised every k steps")
     asyncio.run(main_async(ap.parse_args()))
 
 
