@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 import tempfile
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.screenshot_main import wait_until  # noqa: E402  (one event-pumping wait for the scripts)
+from bench.screenshot_main import wait_until, window_on_testbed  # noqa: E402  (one event-pumping wait for the scripts)
 
 
 def main() -> int:
@@ -37,27 +36,9 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="edgetrain-shot-"))
     os.environ["EDGETRAIN_HOME"] = str(home)
 
-    from PySide6.QtWidgets import QApplication
-
-    from app.qt.qt_main import QtMainWindow
-    from app.qt.qt_style import apply_app_style
-    from app.testbed.local import Testbed
-    from app.workspace.loop import AsyncLoop
     from workers.config import RunSettings
-
-    app = QApplication.instance() or QApplication([])
-    apply_app_style(app)
-    tb_loop = AsyncLoop("testbed").start()
-    base = f"127.{random.randint(40, 250)}.{random.randint(0, 250)}.1"
     presets = [p for p in args.presets.split(",") if p]
-    tb = Testbed(home / "testbed", n_devices=len(presets), port=0, base_addr=base, device_presets=presets)
-    tb_loop.submit(tb.start()).result(30)
-    window = None
-    try:
-        window = QtMainWindow(inventory=tb.inventory_path, runs_dir=home / "runs")
-        window.show()
-        for d in tb.devices:
-            window.toggle_participant(d.name, True)
+    with window_on_testbed(presets, home) as (app, window):
         t0 = time.monotonic()
         run_ids = []
         for par in args.parallelisms.split(","):
@@ -99,13 +80,6 @@ def main() -> int:
             cells = [view.table.item(r, c).text() for c in range(view.table.columnCount())]
             print(f"  {view.table.verticalHeaderItem(r).text():42s} " + " | ".join(cells), file=sys.stderr)
         print(f"saved {out} ({view.width()}x{view.height()}) after {time.monotonic() - t0:.0f} s")
-    finally:
-        if window is not None:
-            window.close()
-            window.deleteLater()
-            app.processEvents()
-        tb_loop.submit(tb.stop()).result(30)
-        tb_loop.stop()
     return 0
 
 

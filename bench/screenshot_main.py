@@ -20,6 +20,7 @@ With ``--empty``: no testbed, no inventory: the first run's empty devices panel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import sys
@@ -28,6 +29,39 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+@contextlib.contextmanager
+def window_on_testbed(presets: list[str], home: Path):
+    """A control panel over a fresh in-process testbed of ``presets`` (every device ticked):
+    yields ``(app, window)``; closes the window and stops the testbed after."""
+    from PySide6.QtWidgets import QApplication
+
+    from app.qt.qt_main import QtMainWindow
+    from app.qt.qt_style import apply_app_style
+    from app.testbed.local import Testbed
+    from app.workspace.loop import AsyncLoop
+
+    app = QApplication.instance() or QApplication([])
+    apply_app_style(app)
+    tb_loop = AsyncLoop("testbed").start()
+    base = f"127.{random.randint(40, 250)}.{random.randint(0, 250)}.1"
+    tb = Testbed(home / "testbed", n_devices=len(presets), port=0, base_addr=base, device_presets=presets)
+    tb_loop.submit(tb.start()).result(30)
+    window = None
+    try:
+        window = QtMainWindow(inventory=tb.inventory_path, runs_dir=home / "runs")
+        window.show()
+        for d in tb.devices:
+            window.toggle_participant(d.name, True)
+        yield app, window
+    finally:
+        if window is not None:
+            window.close()
+            window.deleteLater()
+            app.processEvents()
+        tb_loop.submit(tb.stop()).result(30)
+        tb_loop.stop()
 
 
 def wait_until(app, pred, timeout: float) -> bool:

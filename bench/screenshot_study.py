@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.screenshot_main import wait_until  # noqa: E402  (one event-pumping wait for both scripts)
+from bench.screenshot_main import wait_until, window_on_testbed  # noqa: E402  (one event-pumping wait for both scripts)
 
 
 def main() -> int:
@@ -43,26 +42,8 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="edgetrain-shot-"))
     os.environ["EDGETRAIN_HOME"] = str(home)
 
-    from PySide6.QtWidgets import QApplication
-
-    from app.qt.qt_main import QtMainWindow
-    from app.qt.qt_style import apply_app_style
-    from app.testbed.local import Testbed
-    from app.workspace.loop import AsyncLoop
-
-    app = QApplication.instance() or QApplication([])
-    apply_app_style(app)
-    tb_loop = AsyncLoop("testbed").start()
-    base = f"127.{random.randint(40, 250)}.{random.randint(0, 250)}.1"
     presets = [p for p in args.presets.split(",") if p]
-    tb = Testbed(home / "testbed", n_devices=len(presets), port=0, base_addr=base, device_presets=presets)
-    tb_loop.submit(tb.start()).result(30)
-    window = None
-    try:
-        window = QtMainWindow(inventory=tb.inventory_path, runs_dir=home / "runs")
-        window.show()
-        for d in tb.devices:
-            window.toggle_participant(d.name, True)
+    with window_on_testbed(presets, home) as (app, window):
         window.study.open_study()
         study = window.study
         study.choose(args.models.split(","), args.parallelisms.split(","), single=args.single, steps=args.steps,
@@ -94,13 +75,6 @@ def main() -> int:
         if args.figure and study.result is not None:
             shutil.copyfile(study.result.figure, args.figure)
             print(f"saved {args.figure} (from {study.result.out_dir})")
-    finally:
-        if window is not None:
-            window.close()
-            window.deleteLater()
-            app.processEvents()
-        tb_loop.submit(tb.stop()).result(30)
-        tb_loop.stop()
     return 0
 
 

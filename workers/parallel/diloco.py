@@ -26,7 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..config import JobConfig
-from ..engine import EvalCounts, StepResult, Trainer, autocast, eval_counts, make_optimizer, rank_slice
+from ..engine import StepResult, Trainer, autocast, make_optimizer, rank_slice
+from .dp import DataParallel
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -124,18 +125,10 @@ class DiLoCo(Trainer):
         self.rank, self.world, self.group = rank, world, group
         self.role = f"replica {rank}"
 
-    @torch.no_grad()
-    def eval_batch(self, ids: torch.Tensor, labels: torch.Tensor) -> EvalCounts:
-        # Between outer steps the replicas differ; evaluation reads each replica's current
-        # parameters (after the last iteration, an outer step: the common model).
-        self.phase = "eval"
-        sl = rank_slice(ids.shape[0], self.rank, self.world, self.shares)
-        with autocast(self.cfg, self.device):
-            logits = self.module(ids[sl].to(self.device))
-        buf = torch.tensor(eval_counts(logits, labels[sl]), dtype=torch.float64, device=self.device)
-        dist.all_reduce(buf, group=self.group)
-        loss_sum, correct, samples = buf.tolist()
-        return EvalCounts(loss_sum, int(correct), int(samples))
+    # Between outer steps the replicas differ; evaluation reads each replica's current
+    # parameters (after the last iteration, an outer step: the common model).  The same
+    # attributes as DP's replicas (module, rank, world, shares, group): the same pass.
+    eval_batch = DataParallel.eval_batch
 
 
 def build(cfg: JobConfig, rank: int, model, device: torch.device) -> Trainer:
