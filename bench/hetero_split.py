@@ -6,8 +6,12 @@ same job twice per parallelism, alternating, and compare the median latency per 
 
 * DP: equal batch shares (``dp_shares`` 1/4 each) against the planner's shares
   (proportional to device speed);
-* PP: an even split of the blocks over the 4 stages against the planner's split
-  (balanced by predicted stage time).
+* PP: an even split of the blocks over the 4 stages in the inventory's order against the
+  planner's order and split (balanced by predicted stage time; the order it proposes, as
+  the GUI's Auto-arrange applies it).
+
+``--sync-every k`` synchronises DP every k steps; the figure is the mean latency per sample
+over the steps after the first (slowest device), so the synchronising steps count.
 
     .venv/bin/python bench/hetero_split.py [--model gpt2-s] [--steps 4] [--batch-size 16] [--reps 1]
 """
@@ -26,15 +30,17 @@ sys.path.insert(0, str(ROOT))
 from app.devices.inventory import load_inventory  # noqa: E402
 from app.planner.plan import plan_stages  # noqa: E402
 from app.run.jobs import prepare_run  # noqa: E402
+from app.run.planning import plan_for_run  # noqa: E402
 from app.testbed.local import Testbed  # noqa: E402
 from workers.config import RunSettings  # noqa: E402
 
 
-async def one(inv, tmp: Path, s: RunSettings) -> tuple[float | None, str]:
-    launcher, state = prepare_run(inv, None, s, tmp / "runs")
+async def one(inv, tmp: Path, s: RunSettings, names: list[str] | None = None) -> tuple[float | None, str]:
+    launcher, state = prepare_run(inv, names, s, tmp / "runs")
     outcome = await launcher.run()
     how = (f"shares {[round(x, 2) for x in launcher.job.dp_shares]}" if launcher.job.dp_shares
-           else f"stages {[tuple(st['layers']) for st in launcher.job.stages]}" if launcher.job.stages else "")
+           else f"stages {[tuple(st['layers']) for st in launcher.job.stages]} on {','.join(launcher.job.devices)}"
+           if launcher.job.stages else "")
     # the mean over the steps after the first (slowest device): with --sync-every k the
     # median would skip the steps that synchronise
     means = [statistics.mean(d.latencies[1:] or d.latencies) for d in state.devices.values() if d.latencies]
@@ -63,7 +69,11 @@ async def main_async(args) -> None:
                 got = {"even": [], "planner": []}
                 for _ in range(args.reps):
                     for label, s in (("even", even), ("planner", planned)):
-                        lat, how = await one(inv, Path(tmp), s)
+                        # the planner's PP also orders the stages (the GUI's Auto-arrange):
+                        # the embedding stage on the fastest board
+                        names = (plan_for_run(inv, None, s).proposed_order if par == "pp" and label == "planner"
+                                 else None)
+                        lat, how = await one(inv, Path(tmp), s, names)
                         print(f"  {par} {label:<8} {how}: {lat and lat * 1e3:.1f} ms/sample", flush=True)
                         if lat:
                             got[label].append(lat)
