@@ -90,3 +90,26 @@ def test_the_run_form_selects_diloco(qtbot):
     assert form.settings().dp_mode == "diloco"
     form.set_settings(RunSettings(parallelism="pp", dp_mode="diloco"))
     assert not form.dp_mode.isEnabled() and form.settings().dp_mode == "diloco"
+
+
+def test_a_diloco_run_over_ssh_evaluates_checkpoints_and_ends_with_one_model(tmp_path):
+    import asyncio
+
+    from app.devices.inventory import load_inventory
+    from app.run.jobs import prepare_run
+    from app.testbed.local import Testbed
+    from tests.test_e2e_spine import base_addr
+
+    async def main():
+        async with Testbed(tmp_path / "tb", n_devices=2, port=0, base_addr=base_addr(), cgroups=False) as tb:
+            s = RunSettings(model="tiny-gpt2", parallelism="dp", dp_mode="diloco", sync_every=4, steps=10,
+                            batch_size=32, eval_every=5, checkpoint_every=5, checkpoint_minutes=0)
+            launcher, state = prepare_run(load_inventory(tb.inventory_path), None, s, tmp_path / "runs")
+            return await launcher.run(), state
+
+    outcome, state = asyncio.run(main())
+    assert outcome == "done", state.events
+    summ = state.summary()
+    assert summ["eval_step"] == 10 and 0 <= summ["eval_accuracy"] <= 1
+    assert len({d.param_digest for d in state.devices.values()}) == 1   # the last step ends with an outer step
+    assert any(c.get("complete") for c in state.checkpoints.values()), state.checkpoints
