@@ -25,7 +25,7 @@ import torch.distributed as dist
 from app.devices.inventory import load_inventory
 from app.run.jobs import prepare_run
 from app.testbed.local import Testbed
-from tests.test_e2e_spine import base_addr, gone
+from tests.test_e2e_spine import _until, base_addr, gone
 from workers.config import RunSettings
 from workers.dist import free_port, rendezvous_store, shutdown
 from workers.rendezvous import MAGIC, NONCE_BYTES, Gate, HandshakeError, Relay, prove
@@ -178,14 +178,6 @@ def test_torch_store_behind_the_gate_binds_to_the_device_address():
         del master, joined["store"]
         shutdown()
     assert not _listening(port)
-
-
-async def _until(pred, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.05)
 
 
 def _knock(addr: str, port: int) -> list[str]:
