@@ -17,7 +17,7 @@ LIMIT = int(1.5 * 1024**3)
 
 # Runs in a fresh interpreter: RLIMIT_AS cannot be raised back safely inside pytest.
 CHILD = f"""
-import json, torch
+import json, threading, torch
 from workers.memory import apply_memory_limit, is_oom_error, memory_limit_bytes
 apply_memory_limit({LIMIT})
 out = {{"limit": memory_limit_bytes()}}
@@ -28,6 +28,23 @@ for name, make in (("torch", lambda: torch.empty(4 * 1024**3, dtype=torch.uint8)
         out[name] = None
     except BaseException as exc:
         out[name] = {{"type": type(exc).__name__, "msg": str(exc)[:200], "oom": is_oom_error(exc)}}
+# fill the address space (untouched pages: calloc'd, never resident), then start a thread:
+# its stack cannot be mapped, and that is how gloo's and torch's pools fail under the cap
+hold = []
+for chunk in (64 << 20, 1 << 20):
+    try:
+        while True:
+            hold.append(bytearray(chunk))
+    except MemoryError:
+        pass
+try:
+    t = threading.Thread(target=lambda: None)
+    t.start()
+    t.join()
+    out["thread"] = None
+except BaseException as exc:
+    out["thread"] = {{"type": type(exc).__name__, "msg": str(exc)[:200], "oom": is_oom_error(exc)}}
+del hold
 print(json.dumps(out))
 """
 
@@ -51,6 +68,11 @@ def test_python_memory_error_is_oom(child: dict) -> None:
     assert child["python"]["oom"]
 
 
+def test_thread_that_cannot_start_under_the_cap_is_oom(child: dict) -> None:
+    assert child["thread"] is not None, "a thread started with the address space full"
+    assert child["thread"]["type"] == "RuntimeError" and child["thread"]["oom"], child["thread"]
+
+
 def test_memory_limit_picks_up_rlimit(child: dict) -> None:
     limit, source = child["limit"]
     assert source == "rlimit_as" and limit == LIMIT
@@ -71,6 +93,10 @@ def test_is_oom_error_messages_and_negatives() -> None:
         assert is_oom_error(wrapped)
     assert not is_oom_error(ValueError("out of memory"))  # only allocator error types count
     assert not is_oom_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    # without an address-space cap a thread that cannot start is not a memory verdict
+    if memory._address_space_capped():
+        pytest.skip("this interpreter runs under RLIMIT_AS")
+    assert not is_oom_error(RuntimeError("Resource temporarily unavailable"))
     try:
         try:
             raise MemoryError()

@@ -25,6 +25,10 @@ ENV_MEM = "EDGETRAIN_EMU_MEM_BYTES"
 _CGROUP1_UNLIMITED = 1 << 60
 _OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory",
                  "defaultcpuallocator", "not enough memory", "std::bad_alloc")
+#: A thread that cannot be started: pthread_create answers EAGAIN when its stack cannot be
+#: mapped, so under an address-space cap this is the allocation failure, seen from a thread
+#: pool (std::system_error from gloo or torch, or Python's threading).
+_THREAD_MESSAGES = ("resource temporarily unavailable", "can't start new thread")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 #: Largest VmHWM seen before any clear_refs reset, so the lifetime peak survives resets.
 _hwm_before_resets = 0
@@ -302,12 +306,19 @@ def _oom_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+def _address_space_capped() -> bool:
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return soft != resource.RLIM_INFINITY
+
+
 def is_oom_error(exc: BaseException) -> bool:
     """Whether ``exc`` (or an exception it was raised ``from``) is a failed allocation.
 
     Recognises ``MemoryError``, ``torch.OutOfMemoryError`` / ``torch.cuda.OutOfMemoryError``,
     ``OSError`` with ``ENOMEM``, and ``RuntimeError`` messages of torch's allocators
-    ("DefaultCPUAllocator: can't allocate memory", "CUDA out of memory", ...).
+    ("DefaultCPUAllocator: can't allocate memory", "CUDA out of memory", ...).  Under an
+    address-space cap (``RLIMIT_AS``) a thread that cannot start counts too: its stack is
+    the mapping that failed.
     """
     types = _oom_types()
     seen: set[int] = set()
@@ -321,6 +332,8 @@ def is_oom_error(exc: BaseException) -> bool:
         if isinstance(e, RuntimeError):
             msg = str(e).lower()
             if any(m in msg for m in _OOM_MESSAGES):
+                return True
+            if any(m in msg for m in _THREAD_MESSAGES) and _address_space_capped():
                 return True
         # follow only explicit chaining: an error raised while *handling* an OOM is not one
         e = e.__cause__
