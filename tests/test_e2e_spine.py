@@ -70,6 +70,11 @@ def test_dp_run_over_ssh_replicas_identical(tmp_path):
     devs = list(state.devices.values())
     assert [d.status for d in devs] == ["done", "done"]
     assert all(d.steps == 4 for d in devs)                     # step telemetry from every rank
+    for d in devs:
+        # each step's CPU time, and (after the first) its period end to end, which holds
+        # the step itself and the loop's own costs
+        assert len(d.cpu_times) == 4 and all(c > 0 for c in d.cpu_times)
+        assert d.periods[0] is None and all(p >= lat * 32 for p, lat in zip(d.periods[1:], d.latencies[1:]))
     assert devs[0].param_digest and devs[0].param_digest == devs[1].param_digest
     rec = state.summary()
     assert rec["samples"] == 4 * 32 and rec["energy_per_sample_j"] > 0

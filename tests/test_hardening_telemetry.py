@@ -112,6 +112,11 @@ def test_bounded_field_of_the_wrong_type_is_a_schema_reject(run):
     assert_rejected(run, json.dumps(ckpt), Reject.SCHEMA, "'seconds' is str")
 
 
+@pytest.mark.parametrize("field", ["cpu_s", "period_s"])
+def test_negative_cpu_time_or_period_is_rejected(run, field):
+    assert_rejected(run, step("dev0", 0, **{field: -0.5}), Reject.NEGATIVE, field, device="dev0")
+
+
 def test_record_for_another_device_counts_as_device(run):
     assert_rejected(run, step(device="dev2", rank=2), Reject.DEVICE, "claims device 'dev2'")
 

@@ -110,6 +110,7 @@ class TrainingLoop:
         self.samples = 0
         self.clean = 0   # the last step after which no gradients were pending
         self._last_j = 0.0
+        self._last_end: float | None = None   # when the previous step ended (perf_counter)
 
     def resume(self) -> int:
         """Load ``cfg.resume_from``; returns the step to continue at."""
@@ -132,6 +133,7 @@ class TrainingLoop:
                 if not self._recover(exc):
                     raise
                 it = self.clean
+                self._last_end = None
                 continue
             if code is not None:
                 return code
@@ -145,11 +147,19 @@ class TrainingLoop:
     def _iteration(self, it: int) -> int | None:
         cfg, trainer, em = self.cfg, self.trainer, self.emitter
         ids, labels = global_batch(self.data, it, cfg.batch_size, cfg.seed)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = trainer.train_step(it, ids, labels)
         if cfg.device == "cuda":
             torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        dt = t1 - t0
+        # the CPU time the step used (all threads): its work without its waits (pipeline
+        # bubbles, a slower peer), so the two can be told apart
+        cpu_s = time.process_time() - c0
+        # end to end since the previous step ended: the step plus this loop's own costs
+        # (telemetry, sampling, the control all-reduce), what throughput is made of
+        period = t1 - self._last_end if self._last_end is not None else None
+        self._last_end = t1
         self.tracker.sample()
         reading = self.meter.read()
         # the running total drops once when a sensor falls back to the estimate
@@ -165,7 +175,8 @@ class TrainingLoop:
                     throughput_sps=res.samples / dt if dt > 0 else 0.0, loss=res.loss, synced=res.synced,
                     energy_j=step_j, energy_source=reading.source, energy_method=reading.method,
                     baseline_subtracted=reading.baseline_subtracted, rss_bytes=rss_bytes(),
-                    peak_mem_bytes=self.peak(self.tracker), comm_s=res.comm_s, role=trainer.role)
+                    peak_mem_bytes=self.peak(self.tracker), comm_s=res.comm_s, cpu_s=cpu_s, period_s=period,
+                    role=trainer.role)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
             # every rank at the same step: the evaluation communicates
             trainer.phase = "eval"
@@ -175,9 +186,11 @@ class TrainingLoop:
                 em.emit("eval", step=step, loss=ev.loss, accuracy=ev.accuracy, samples=ev.samples,
                         seconds=time.perf_counter() - t_eval, role=trainer.role)
             self._last_j = self.meter.read().joules  # the evaluation's energy stays out of the next step's
+            self._last_end = None                    # and its time out of the next step's period
         decision = self.control.after_step(step, self.clean == step)
         if decision.save and self.ckpt.root is not None and self.clean > self.ckpt.last_step:
             self._checkpoint(self.clean, decision.save)
+            self._last_end = None   # a checkpoint is reported with its own seconds
         if decision.stop:
             why = self.flags.reason or "the controller asked to stop"
             em.emit("event", name="stopped", step=self.clean, message=f"stopped after step {step}: {why}")

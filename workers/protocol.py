@@ -57,7 +57,7 @@ TYPES = tuple(REQUIRED)
 OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "local_samples": int, "throughput_sps": NUM, "loss": NUM, "energy_j": NUM, "rss_bytes": int,
     "peak_mem_bytes": int, "peak_rss_bytes": int, "limit_bytes": int, "mem_limit_bytes": int,
-    "comm_s": NUM, "energy_source": str, "energy_method": str, "role": str, "param_digest": str,
+    "comm_s": NUM, "cpu_s": NUM, "period_s": NUM, "energy_source": str, "energy_method": str, "role": str, "param_digest": str,
     "phase": str, "mem_limit_kind": str, "mem_cgroup": str, "oom_kills": int,
 }
 

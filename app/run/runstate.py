@@ -41,6 +41,10 @@ class DeviceRun:
     peak_mem_bytes: int = 0
     last_loss: float | None = None
     latencies: list[float] = field(default_factory=list)
+    # per reported step: the worker's CPU seconds in it, and seconds since the previous
+    # step ended (None where the worker did not say: an older worker, or the first step)
+    cpu_times: list[float | None] = field(default_factory=list)
+    periods: list[float | None] = field(default_factory=list)
     exit: str | None = None
     message: str | None = None
     param_digest: str | None = None
@@ -180,6 +184,8 @@ class RunState:
             dev.local_samples += rec.get("local_samples") or 0
             dev.busy_s += rec["latency_s"]
             dev.latencies.append(rec["latency_per_sample_s"])
+            dev.cpu_times.append(rec.get("cpu_s"))
+            dev.periods.append(rec.get("period_s"))
             if rec.get("energy_j") is not None:
                 dev.energy_j += rec["energy_j"]
                 dev.energy_source, dev.energy_method = rec.get("energy_source"), rec.get("energy_method")

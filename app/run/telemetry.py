@@ -50,6 +50,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "step": (0, MAX_COUNT), "steps": (0, MAX_COUNT),
     "samples": (0, MAX_COUNT), "local_samples": (0, MAX_COUNT),
     "latency_s": (0.0, DAY_S), "latency_per_sample_s": (0.0, DAY_S), "comm_s": (0.0, DAY_S),
+    "cpu_s": (0.0, DAY_S), "period_s": (0.0, DAY_S),
     "seconds": (0.0, DAY_S),            # one evaluation, checkpoint save or resume
     "wall_s": (0.0, 366 * DAY_S),       # a whole run may take days
     "throughput_sps": (0.0, 1e9),
