@@ -4,7 +4,7 @@ Same model (``workers.models.build_model``), same global batches (``workers.data
 the same slice per rank, AdamW, gradients synchronised every ``--sync-every`` steps
 (``no_sync`` in between), one thread per rank; nothing else (no telemetry, no
 heartbeats, no checkpoints, no SSH).  Rank 0 prints one JSON line: the median and every
-step's time after the first.  Used by ``bench/overhead.py``:
+step's period (end to end) after the first two.  Used by ``bench/overhead.py``:
 
     torchrun --nproc-per-node 2 bench/bare_ddp.py --model gpt2-s --batch-size 32 --steps 6
 """
@@ -51,10 +51,10 @@ def main() -> None:
     opt = torch.optim.AdamW(ddp.parameters(), lr=args.lr, weight_decay=0.0)
     per = args.batch_size // world
     times = []
+    last = None
     for it in range(args.steps):
         ids, labels = global_batch(data, it, args.batch_size, 0)
         x, y = ids[rank * per:(rank + 1) * per], labels[rank * per:(rank + 1) * per]
-        t0 = time.perf_counter()
         sync = (it + 1) % args.sync_every == 0
         with contextlib.nullcontext() if sync else ddp.no_sync():
             loss = F.cross_entropy(ddp(x).float(), y)
@@ -62,10 +62,14 @@ def main() -> None:
         if sync:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
+        # the period from one step's end to the next one's, as EdgeTrain's period_s
+        now = time.perf_counter()
+        if last is not None:
+            times.append(now - last)
+        last = now
     dist.barrier()
     if rank == 0:
-        steady = times[1:] or times
+        steady = times[1:] or times   # periods from the second step's end on
         print(json.dumps({"median_step_s": statistics.median(steady), "steps_s": steady,
                           "samples_per_s": args.batch_size / statistics.median(steady)}), flush=True)
     dist.destroy_process_group()

@@ -9,8 +9,9 @@ Alternates, ``--reps`` times each:
   thread each, over real SSH, with telemetry, heartbeats and the rendezvous gate, no
   checkpoints or evaluation.
 
-Each run's figure is the median step time after the first step (the slowest rank for
-EdgeTrain, from its telemetry; rank 0 for bare, whose ranks meet at every sync).  Prints
+Each run's figure is the median step period after the first step: from one step's end to
+the next one's, so whatever a loop does between steps counts (EdgeTrain: the slowest
+rank's ``period_s`` telemetry; bare: rank 0's, whose ranks meet at every sync).  Prints
 each run, the medians and spreads, and last the EdgeTrain/bare throughput ratio.
 
     .venv/bin/python bench/overhead.py [--model gpt2-s] [--batch-size 32] [--steps 6] [--reps 3]
@@ -57,8 +58,9 @@ async def edgetrain(tb: Testbed, work: Path, args: argparse.Namespace) -> float:
     outcome = await launcher.run()
     if outcome != "done":
         raise RuntimeError(f"EdgeTrain run {outcome}: {[e.message for e in state.events][-3:]}")
-    # latency_per_sample is the step time over the global batch: back to seconds per step
-    return max(statistics.median(d.latencies[1:] or d.latencies) for d in state.devices.values()) * args.batch_size
+    # the period end to end (step, telemetry, sampling, the control all-reduce) of the steps
+    # after the first two, as bare_ddp.py
+    return max(statistics.median([p for p in d.periods[2:] if p is not None]) for d in state.devices.values())
 
 
 async def main_async(args: argparse.Namespace) -> None:

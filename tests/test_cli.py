@@ -143,7 +143,8 @@ WAVES = (("dp", "sp", "bad-data"), ("tp", "pp"), ("hybrid",))
 
 def _run_argv(bed: Bed, run: str) -> list[str]:
     argv = [sys.executable, "-m", "app.cli", "run", "--inventory", str(bed.inventory), "--model", "tiny-gpt2",
-            "--steps", "2", "--batch-size", "8", "--micro-batches", "2"]
+            "--steps", "2", "--batch-size", "8", "--micro-batches", "2", "--no-profile"]
+    # (--no-profile: these test the parallelisms; the demo below tests profiling first)
     if run == "bad-data":
         return argv + ["--devices", "dev4", "--parallelism", "dp", "--dataset", MISSING_DATA]
     # the DP run also brings its trained model home (the export is the same for all)
@@ -251,6 +252,10 @@ def test_demo_runs_and_takes_its_testbed_down(tmp_path):
     assert [x["device"] for x in rows] == ["dev0", "dev1"], r.stdout
     assert all(x["status"] == "done" and x["role"].startswith("replica") for x in rows), rows
     assert f"{addr}" in r.stderr                        # it says where its devices were
+    # it measured its devices before planning: the prediction printed is from measured speeds
+    assert "profiling dev0, dev1" in r.stderr, r.stderr
+    assert sorted(p.name for p in (home / "profiles").glob("dev*.json")) == ["dev0.json", "dev1.json"]
+    assert re.search(r"^plan predicted [0-9.]+ ms/sample \(measured [0-9.]+", r.stdout, re.MULTILINE), r.stdout
     rec = Path(re.search(r"^run record: (.+)$", r.stdout, re.MULTILINE)[1])
     assert rec == home / "runs" / m[1] / "record.json" and rec.is_file()
     tb = home / "demo-testbed"

@@ -125,6 +125,9 @@ def test_start_testbed_from_the_empty_state_then_stop_it_at_close(qtbot, tmp_pat
     assert panel.view.isVisible() and not fr.empty.isVisible() and fr.empty.testbed_button.isEnabled()
     # the window checks the devices it loaded: the testbed's host keys come with its inventory
     qtbot.waitUntil(lambda: all(w.workspace.devices.get(n).status == "online" for n in names), timeout=HANG_MS)
+    # the boards are measured once they are up (this host's speed is no preset's), then cached
+    qtbot.waitUntil(lambda: set(w.workspace.profiles) == set(names), timeout=HANG_MS)
+    assert all(w.workspace.profiles[n].gflops_fp32 for n in names)
     # the plan preview is the planner's own plan for these boards
     w.toggle_participant(names[0], True)
     qtbot.waitUntil(lambda: w.planner.latest is not None and bool(w.planner.latest.devices), timeout=HANG_MS)

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from app.cli.autoprofile import profile_missing
 from app.cli.flags import (
     add_device_flags,
     add_settings_flags,
@@ -185,6 +186,9 @@ def execute(launcher, state: RunState, steps: int, inv=None, runs_dir=None, expo
 
 def cmd_run(args: argparse.Namespace) -> int:
     inv = inventory_from_args(args)
+    if not args.no_profile:
+        # the plan's prediction, printed next to the measurement, is made from measured speeds
+        profile_missing(inv, device_names(args))
     launcher, state = prepare_run(inv, device_names(args), settings_from_args(args), runs_dir_from_args(args),
                                   export=not args.no_export)
     print(f"run {state.run_id}: {args.model} {args.parallelism} on "
@@ -219,6 +223,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_settings_flags(run)
     run.add_argument("--no-export", action="store_true",
                      help="do not bring the trained model home as a Hugging Face directory")
+    run.add_argument("--no-profile", action="store_true",
+                     help="plan devices that have no profile from their board presets instead of "
+                          "measuring them first")
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="testbed up, a short run, summary, testbed down")
@@ -228,4 +235,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--dir", help=argparse.SUPPRESS)
     add_settings_flags(demo, steps=20)
     demo.add_argument("--no-export", action="store_true", help=argparse.SUPPRESS)
+    demo.add_argument("--no-profile", action="store_true", help=argparse.SUPPRESS)
     demo.set_defaults(func=cmd_demo)

@@ -292,6 +292,11 @@ class QtFirstRun(QObject):
         tail = "it stops when this window closes" if res.owned else "it keeps running after this window closes"
         self._say(f"local testbed {'started' if res.started else 'already running'}: {boards}; {tail}. "
                   "Tick devices to plan a run.", 15000)
+        # the boards compute with this host's cores, whose speed no preset knows: measure
+        # them once (cached), so the preview predicts from measured speeds
+        missing = [d.name for d in res.info.devices if d.name not in self.window.workspace.profiles]
+        if missing:
+            self.window.device_actions.reprofile(missing)
 
     # ------------------------------------------------------------------ discovery
     def toggle_discovery(self) -> None:
