@@ -60,7 +60,15 @@ async def edgetrain(tb: Testbed, work: Path, args: argparse.Namespace) -> float:
         raise RuntimeError(f"EdgeTrain run {outcome}: {[e.message for e in state.events][-3:]}")
     # the period end to end (step, telemetry, sampling, the control all-reduce) of the steps
     # after the first two, as bare_ddp.py
-    return max(statistics.median([p for p in d.periods[2:] if p is not None]) for d in state.devices.values())
+    periods = {d.name: statistics.median([p for p in d.periods[2:] if p is not None]) for d in state.devices.values()}
+    # where a period goes: the step itself, and the loop between steps (data, telemetry,
+    # sampling, the control all-reduce)
+    for d in state.devices.values():
+        between = [p - lat * args.batch_size for p, lat in zip(d.periods[2:], d.latencies[2:]) if p is not None]
+        cpu = [c for c in d.cpu_times[2:] if c is not None]
+        print(f"      {d.name}: period {periods[d.name]:.4f} s, between steps {statistics.median(between) * 1e3:.2f} ms, "
+              f"step CPU {statistics.median(cpu):.4f} s", flush=True)
+    return max(periods.values())
 
 
 async def main_async(args: argparse.Namespace) -> None:

@@ -28,7 +28,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def tb4(tmp_path_factory):
     d = tmp_path_factory.mktemp("tb4")
-    info = start_testbed(d / "testbed", n_devices=4, preset="heterogeneous", base_addr="127.0.12.11", port=0)
+    # address-space caps, no CPU quotas: a Nano's quota (0.15 of a core here) makes every
+    # probe's torch import take ~20 s; profiles under cgroups are tested in test_cgroup_boards
+    info = start_testbed(d / "testbed", n_devices=4, preset="heterogeneous", base_addr="127.0.12.11", port=0,
+                         cgroups=False)
     try:
         yield info, d
     finally:

@@ -1,0 +1,144 @@
+"""Predictions where users see them: the demo, ``edgetrain run`` and the GUI's preview.
+
+Three consecutive rounds on this machine's testbed, each of:
+
+* **demo**: ``edgetrain demo`` as README runs it (its own 2-device testbed; it profiles its
+  devices when they have no profile yet, so round 1 measures and later rounds use the
+  cache); the "plan predicted ... (measured ...)" line it prints;
+* **run**: ``edgetrain run`` of ``--run-args`` on a testbed started with ``edgetrain
+  testbed up``; the same line;
+* **gui**: the control panel (offscreen) on a testbed of ``--gui-preset`` boards
+  (``heterogeneous``: 2 x Jetson Nano, TX2, Xavier NX; cgroup memory and CPU caps as
+  root), ``--gui-args`` settings, every device ticked: the preview's headline prediction (mean latency per
+  sample over a sync period) against the mean measured latency per sample of the run
+  launched from the window (steps after the first, slowest device).
+
+Every figure is latency per sample in steady state (the first step, which builds the
+optimizer state and warms the allocator, is left out of both).  Prints each figure, its
+error, and last whether all nine are within +-20 %.
+
+    .venv/bin/python bench/predictions.py [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+EDGETRAIN = [sys.executable, "-m", "app.cli"]
+LINE = re.compile(r"^plan predicted ([0-9.]+) ms/sample \(measured ([0-9.]+)", re.MULTILINE)
+
+
+def cli(home: Path, *argv: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EDGETRAIN_HOME": str(home)}
+    return subprocess.run([*EDGETRAIN, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def from_line(r: subprocess.CompletedProcess[str], what: str) -> tuple[float, float]:
+    m = LINE.search(r.stdout)
+    if r.returncode != 0 or m is None:
+        raise RuntimeError(f"{what} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    return float(m[1]), float(m[2])
+
+
+def gui_round(home: Path, inventory: Path, settings_args: list[str]) -> tuple[float, float]:
+    """Open the window on ``inventory``, read the preview, run from the window, measure."""
+    os.environ["EDGETRAIN_HOME"] = str(home)
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    from PySide6.QtWidgets import QApplication
+
+    from app.cli.flags import add_settings_flags, settings_from_args
+    from app.qt.qt_main import QtMainWindow
+    from bench.screenshot_main import wait_until
+
+    ap = argparse.ArgumentParser()
+    add_settings_flags(ap)
+    settings = settings_from_args(ap.parse_args(settings_args))
+    app = QApplication.instance() or QApplication([])
+    window = QtMainWindow(inventory=inventory, runs_dir=home / "runs")
+    try:
+        window.show()
+        for name in window.devices_panel.model.names():
+            window.toggle_participant(name, True)
+        window.run_config.set_settings(settings)
+        wait_until(app, lambda: False, 0.5)
+        if not wait_until(app, lambda: window.planner.latest is not None and not window.planner.busy
+                          and window.planner.latest.plan is not None, 60):
+            raise RuntimeError("the preview did not come")
+        predicted = window.planner.latest.total("latency_per_sample_s")
+        window.launch()
+        if not wait_until(app, lambda: window.run.state is not None and window.run.state.outcome is not None
+                          and not window.run.running, 900):
+            raise RuntimeError("the run from the window did not end")
+        state = window.run.state
+        if state.outcome != "done":
+            raise RuntimeError(f"the run from the window: {state.outcome}")
+        means = [statistics.mean(d.latencies[1:] or d.latencies) for d in state.devices.values() if d.latencies]
+        return predicted * 1e3, max(means) * 1e3
+    finally:
+        window.close()
+        window.deleteLater()
+        app.processEvents()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--devices", type=int, default=2)
+    ap.add_argument("--run-args", default="--model tiny-gpt2 --parallelism pp --steps 20 --micro-batches 4",
+                    help="settings of the edgetrain run case")
+    ap.add_argument("--gui-args", default="--model gpt2-s --parallelism pp --steps 8 --batch-size 16 "
+                                          "--micro-batches 4", help="settings of the GUI case")
+    ap.add_argument("--gui-preset", default="heterogeneous", help="testbed preset of the GUI case")
+    args = ap.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="edgetrain-predictions-"))
+    tb = home / "tb"
+    base = "127.0.52.1"
+    up = cli(home, "testbed", "up", "--devices", str(args.devices), "--dir", str(tb), "--base-addr", base)
+    gui_tb = home / "tb-gui"
+    up_gui = cli(home, "testbed", "up", "--preset", args.gui_preset, "--dir", str(gui_tb), "--base-addr", "127.0.54.1")
+    if up.returncode != 0 or up_gui.returncode != 0:
+        print(up.stdout + up.stderr + up_gui.stdout + up_gui.stderr, file=sys.stderr)
+        cli(home, "testbed", "down", "--dir", str(tb))
+        cli(home, "testbed", "down", "--dir", str(gui_tb))
+        return 2
+    # the GUI measures the boards of a testbed it starts itself; this one was started from
+    # the command line, so measure them as the window's Re-profile would
+    cli(home, "profile", "--inventory", str(gui_tb / "inventory.yaml"))
+    rows: list[tuple[int, str, float, float]] = []
+    try:
+        for rnd in range(1, args.rounds + 1):
+            t0 = time.monotonic()
+            demo = cli(home, "demo", "--base-addr", "127.0.53.1", "--port", "2222", "--no-export")
+            rows.append((rnd, "demo", *from_line(demo, "demo")))
+            run = cli(home, "run", "--inventory", str(tb / "inventory.yaml"), "--no-export",
+                      *shlex.split(args.run_args))
+            rows.append((rnd, "run", *from_line(run, "edgetrain run")))
+            rows.append((rnd, "gui", *gui_round(home, gui_tb / "inventory.yaml", shlex.split(args.gui_args))))
+            for r in rows[-3:]:
+                print(f"round {r[0]}  {r[1]:<5} predicted {r[2]:8.3f} ms/sample  measured {r[3]:8.3f}  "
+                      f"{(r[3] - r[2]) / r[2]:+6.0%}", flush=True)
+            print(f"  ({time.monotonic() - t0:.0f} s)", flush=True)
+    finally:
+        cli(home, "testbed", "down", "--dir", str(tb))
+        cli(home, "testbed", "down", "--dir", str(gui_tb))
+    print(f"\ndemo: tiny-gpt2 dp (its defaults); run: {args.run_args} on {args.devices} testbed devices; "
+          f"gui: {args.gui_args} on the {args.gui_preset} preset")
+    worst = max(abs(m - p) / p for _, _, p, m in rows)
+    errs = ", ".join(f"{(m - p) / p:+.0%}" for _, _, p, m in rows)
+    print(f"errors (measured vs predicted): {errs}")
+    print(f"all {len(rows)} within +-20%: {'yes' if worst <= 0.20 else 'no'} (worst {worst:.0%})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
