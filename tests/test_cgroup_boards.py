@@ -102,3 +102,25 @@ def test_cpu_quotas_keep_the_boards_relative_speeds_and_profile_measures_them(tm
     # a quota caps, it does not guarantee: on a busy host either board may get less than
     # its share (measured 1.9-4.9 here), but the NX is always clearly the faster
     assert 1.5 < measured < 6.0, (measured, profiles)
+
+
+@needs_cgroups
+def test_removing_a_testbed_kills_what_is_left_in_its_cgroups(tmp_path):
+    """A process still in a device's cgroup (a command being reaped, a stray child) does not
+    make the testbed leave its cgroups behind: remove() kills it and removes them all."""
+    import subprocess
+    import sys
+
+    cg = cgroups.create(tmp_path, "dev0", 256 * 2**20, 0.5)
+    stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], preexec_fn=cgroups.joiner(cg))
+    try:
+        for d in cg.dirs:
+            with open(os.path.join(d, "cgroup.procs")) as f:
+                assert str(stray.pid) in f.read().split()
+        cgroups.remove(tmp_path)
+        assert stray.wait(timeout=10) == -9                           # killed, not waited for
+        assert not any(os.path.exists(d) for d in cg.dirs)            # and every cgroup gone
+    finally:
+        stray.kill()
+        stray.wait()
+        cgroups.remove(tmp_path)

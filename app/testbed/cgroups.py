@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,21 +117,43 @@ def create(testbed_dir: Path, device: str, mem_bytes: int | None, cpu_share: flo
     return DeviceCgroup(device, (str(cg),), str(cg), "cgroup2")
 
 
-def remove(testbed_dir: Path) -> None:
-    """Remove the testbed's cgroups (their processes must have ended)."""
+def remove(testbed_dir: Path, wait_s: float = 5.0) -> None:
+    """Remove the testbed's cgroups, killing what is still in them.
+
+    A process killed a moment ago (a worker the kernel OOM-killed, a shell whose command
+    was killed) stays in its cgroup until it is reaped, and ``rmdir`` fails with EBUSY
+    meanwhile: retry for up to ``wait_s`` seconds, killing any process left inside, so a
+    stopped testbed leaves no cgroup behind.
+    """
     tag = _tag(testbed_dir)
     bases = [_v1("memory") / "edgetrain" / tag, _v1("cpu") / "edgetrain" / tag, ROOT / "edgetrain" / tag]
+    deadline = time.monotonic() + wait_s
     for base in bases:
         if not base.is_dir():
             continue
-        for d in sorted(base.iterdir(), reverse=True):
-            if d.is_dir():
+        for d in sorted((x for x in base.iterdir() if x.is_dir()), reverse=True) + [base]:
+            while True:
                 try:
                     d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
                 except OSError as exc:
-                    log.warning("cannot remove cgroup %s: %s", d, exc)
+                    if time.monotonic() >= deadline:
+                        log.warning("cannot remove cgroup %s: %s", d, exc)
+                        break
+                    _kill_members(d)
+                    time.sleep(0.05)
+
+
+def _kill_members(cgroup_dir: Path) -> None:
+    try:
+        pids = [int(x) for x in (cgroup_dir / "cgroup.procs").read_text().split()]
+    except (OSError, ValueError):
+        return
+    for pid in pids:
         try:
-            base.rmdir()
+            os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
 
