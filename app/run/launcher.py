@@ -352,9 +352,15 @@ class Launcher:
         just wait in their next collective (up to the process-group timeout) and the run
         goes quiet.  When no record has arrived for ``stall_s``, ask every device what
         state its worker is in; one that is stopped (``T``) is the culprit."""
+        tick = 0
         while True:
-            await asyncio.sleep(1.0)
+            # silence is looked at 4x/s: a lost device is named within SILENT_S + this
+            # cadence + the SSH probe's bound, under the 5 s promised; the rest once a second
+            await asyncio.sleep(0.25)
             await self.recovery.check_silent()
+            tick += 1
+            if tick % 4:
+                continue
             await self._reap_finished()
             quiet = time.monotonic() - self._last_record
             if quiet < self.stall_s:
