@@ -35,9 +35,6 @@ log = logging.getLogger("edgetrain.recovery")
 
 #: Seconds without an answer to the heartbeats before a worker is looked at.
 SILENT_S = 2.0
-#: The SSH look at a silent worker waits this fraction of the silence bound: a live
-#: connection answers in milliseconds, and silence + look must stay under the 5 s promise.
-PROBE_FRACTION = 0.75
 
 
 def silent_bound() -> float:
@@ -172,8 +169,7 @@ class Recovery:
         try:
             try:
                 res = await asyncio.wait_for(w.conn.run(f"cut -d' ' -f3 /proc/{w.pid}/stat", check=False,
-                                                        encoding="utf-8", errors="replace"),
-                                         PROBE_FRACTION * silent_bound())
+                                                        encoding="utf-8", errors="replace"), silent_bound())
                 proc_state = str(res.stdout).strip()
             except (asyncssh.Error, OSError, asyncio.TimeoutError):
                 proc_state = "unreachable"
