@@ -124,3 +124,25 @@ def test_removing_a_testbed_kills_what_is_left_in_its_cgroups(tmp_path):
         stray.kill()
         stray.wait()
         cgroups.remove(tmp_path)
+
+
+@needs_cgroups
+def test_a_testbed_that_fails_to_start_leaves_no_cgroup(tmp_path):
+    """Its device's cgroup exists before the device listens; a port already taken ends the
+    start, and the cgroup goes with it."""
+    import socket
+
+    from app.testbed.emulation import TestbedError
+
+    addr = base_addr()
+    taken = socket.socket()
+    taken.bind((addr, 0))
+    taken.listen()
+    try:
+        tb = Testbed(tmp_path / "tb", n_devices=1, port=taken.getsockname()[1], base_addr=addr, cgroups=True)
+        with pytest.raises(TestbedError, match="address already in use"):
+            asyncio.run(tb.start())
+    finally:
+        taken.close()
+    tag = cgroups._tag(tmp_path / "tb")
+    assert not any((cgroups._v1(c) / "edgetrain" / tag).exists() for c in ("memory", "cpu"))

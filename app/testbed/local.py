@@ -336,7 +336,9 @@ class Testbed:
         await asyncio.sleep(0.05)
         for dev in self._devices:
             await dev.close()
-        if any(dev.cgroup is not None for dev in self._devices):
+        if self.use_cgroups:
+            # also after a start that failed between creating a device's cgroup and
+            # listening (its device is not in _devices then); removes nothing if none exist
             await asyncio.to_thread(cgroup_limits.remove, self.dir)
         self._devices.clear()
         self._tracker.path.unlink(missing_ok=True)
