@@ -32,9 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 @contextlib.contextmanager
-def window_on_testbed(presets: list[str], home: Path):
+def window_on_testbed(presets: list[str], home: Path, profile: bool = True):
     """A control panel over a fresh in-process testbed of ``presets`` (every device ticked):
-    yields ``(app, window)``; closes the window and stops the testbed after."""
+    yields ``(app, window)``; closes the window and stops the testbed after.  With
+    ``profile`` the devices are profiled first (as the window does for a testbed it starts):
+    the profile columns, measured links and predictions from this host's speed."""
     from PySide6.QtWidgets import QApplication
 
     from app.qt.qt_main import QtMainWindow
@@ -52,8 +54,13 @@ def window_on_testbed(presets: list[str], home: Path):
     try:
         window = QtMainWindow(inventory=tb.inventory_path, runs_dir=home / "runs")
         window.show()
-        for d in tb.devices:
-            window.toggle_participant(d.name, True)
+        names = [d.name for d in tb.devices]
+        for n in names:
+            window.toggle_participant(n, True)
+        if profile:
+            window.device_actions.reprofile(names)
+            if not wait_until(app, lambda: len(window.workspace.profiles) == len(names) and window.workspace.link_mbps, 120):
+                print("profiling did not finish in time", file=sys.stderr)
         yield app, window
     finally:
         if window is not None:
@@ -110,37 +117,16 @@ def main() -> int:
     if args.empty:
         return shoot_empty(Path(args.out), home)
 
-    from PySide6.QtWidgets import QApplication
-
-    from app.qt.qt_main import QtMainWindow
-    from app.qt.qt_style import apply_app_style
-    from app.testbed.local import Testbed
-    from app.workspace.loop import AsyncLoop
     from workers.config import RunSettings
 
-    app = QApplication.instance() or QApplication([])
-    apply_app_style(app)
-    tb_loop = AsyncLoop("testbed").start()
-    base = f"127.{random.randint(40, 250)}.{random.randint(0, 250)}.1"
     presets = ["laptop", "jetson-nx", "jetson-tx2", "jetson-nano"][: args.devices]
-    tb = Testbed(home / "testbed", n_devices=args.devices, port=0, base_addr=base, device_presets=presets)
-    tb_loop.submit(tb.start()).result(30)
-    window = None
-    try:
-        window = QtMainWindow(inventory=tb.inventory_path, runs_dir=home / "runs")
-        window.show()
-        names = [d.name for d in tb.devices]
-        for n in names:
-            window.toggle_participant(n, True)
+    with window_on_testbed(presets, home, profile=args.profile) as (app, window):
+        names = list(window.workspace.topology.participants)
         window.run_config.set_settings(RunSettings(model="tiny-gpt2", parallelism="dp" if args.drill else "pp",
                                                    steps=args.steps, sync_every=1,
                                                    batch_size=64, seq_len=32, micro_batches=4,
                                                    eval_every=args.eval_every))
         wait_until(app, lambda: window.planner.latest is not None and not window.planner.busy, 10)
-        if args.profile:  # fills the profile columns and the measured link bandwidths
-            window.device_actions.reprofile(names)
-            if not wait_until(app, lambda: len(window.workspace.profiles) == len(names) and window.workspace.link_mbps, 120):
-                print("profiling did not finish in time", file=sys.stderr)
         # one drag-equivalent reorder, so the canvas shows a user-chosen order
         window.move_node(names[-1], len(names) - 1, 1)
         wait_until(app, lambda: not window.planner.busy, 10)
@@ -165,13 +151,6 @@ def main() -> int:
         print(f"saved {out} ({window.width()}x{window.height()}, "
               f"{window.charts.point_count('latency')} latency points, "
               f"{window.charts.point_count('accuracy')} accuracy points)")
-    finally:
-        if window is not None:
-            window.close()
-            window.deleteLater()
-            app.processEvents()
-        tb_loop.submit(tb.stop()).result(30)
-        tb_loop.stop()
     return 0
 
 

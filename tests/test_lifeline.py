@@ -65,6 +65,14 @@ def workers_of(tb: Testbed) -> list[psutil.Process]:
     return out
 
 
+def ended(p: psutil.Process) -> bool:
+    """``p`` has exited (a zombie waiting for its parent counts)."""
+    try:
+        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def wait_for(pred, what: str, timeout: float = HANG_S) -> None:
     end = time.monotonic() + timeout
     while not pred():
@@ -103,8 +111,9 @@ def test_frozen_controller_is_noticed_by_its_silence(testbed, tmp_path):
     ctl.send_signal(signal.SIGSTOP)       # connection open, no heartbeats
     try:
         wait_for(lambda: not workers_of(testbed), "the workers to end after the controller fell silent")
-        for p in workers:
-            assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+        # workers_of() stops listing a process once /proc no longer shows its cwd, which
+        # is while it exits: the same processes must then be gone within moments
+        wait_for(lambda: all(ended(p) for p in workers), "the exiting workers to be gone", timeout=10)
     finally:
         ctl.kill()
         ctl.wait()

@@ -296,3 +296,46 @@ def test_spec_from_profile_duck_typed():
     Prof.labels, Prof.mem_limit_bytes = {}, None
     spec = cm.spec_from_profile(Prof())
     assert spec.mem_bytes == 6 * GIB and not spec.mem_is_virtual
+
+
+def test_non_matmul_terms_follow_the_measured_activation_throughput(inventory):
+    """A device whose activation throughput is half the calibration host's runs the
+    per-byte, per-op and optimizer terms twice as long, whatever its matmul rate; an
+    unmeasured device falls back to its matmul rate; testbed devices sharing host
+    cores share that throughput too."""
+    from dataclasses import replace
+
+    from app.devices.inventory import load_inventory
+    from app.planner.inputs import specs_for_devices
+
+    cal = replace(cm.CALIBRATION, ref_act_gbps=8.0)
+    base = DeviceSpec("d", gflops=cal.ref_core_gflops, mem_bytes=None, act_gbps=8.0)
+    half = replace(base, act_gbps=4.0)
+    flops, act_bytes = 2e9, 5e7
+    matmul = flops / (cal.matmul_efficiency * base.gflops * 1e9)
+    t_base = cm.compute_seconds(base, flops, act_bytes, 4, 2, cal, embed_bytes=1e6)
+    t_half = cm.compute_seconds(half, flops, act_bytes, 4, 2, cal, embed_bytes=1e6)
+    assert t_base > matmul * 1.1  # the fixed terms are a real part of it
+    assert t_half - matmul == pytest.approx(2 * (t_base - matmul))
+    assert cm.optimizer_seconds(half, 10 ** 6, 20, cal) == pytest.approx(2 * cm.optimizer_seconds(base, 10 ** 6, 20, cal))
+    # the matmul rate does not change the fixed terms of a measured device ...
+    fast = replace(half, gflops=4 * base.gflops)
+    assert cm.compute_seconds(fast, 0.0, act_bytes, 4, 2, cal) == pytest.approx(cm.compute_seconds(half, 0.0, act_bytes, 4, 2, cal))
+    # ... but does those of an unmeasured one (here: the calibration host's rate, slowdown 1)
+    assert cm.compute_seconds(replace(base, act_gbps=None), flops, act_bytes, 4, 2, cal, embed_bytes=1e6) == pytest.approx(t_base)
+    assert cm.compute_seconds(replace(base, act_gbps=None, gflops=base.gflops / 2), 0.0, act_bytes, 4, 2, cal) \
+        == pytest.approx(cm.compute_seconds(half, 0.0, act_bytes, 4, 2, cal))
+
+    class Prof:
+        threads, gflops_fp32, act_gbps = 1, 100.0, 6.0
+        mem_limit_bytes, mem_available_bytes, mem_total_bytes = GIB, None, None
+        p_idle_w, p_max_w, power_source = 2.0, 10.0, "estimate"
+        labels = {"testbed": "local"}
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    inv = load_inventory(inventory)
+    specs, _ = specs_for_devices(inv.devices[:2], inv.devices, profiles={d.name: Prof(d.name) for d in inv.devices[:2]},
+                                 n_cpus=1)
+    assert [s.act_gbps for s in specs] == [pytest.approx(3.0)] * 2 and [s.gflops for s in specs] == [pytest.approx(50.0)] * 2
