@@ -19,7 +19,7 @@ hosts without asyncssh; the record is written the same way.
 
 The device specs are what ``edgetrain plan`` uses for testbed devices (their preset,
 sharing the host's cores) with the host's per-thread matmul rate measured just before
-each cell (``workers.speed.matmul_gflops`` on one thread, as ``edgetrain profile``
+each cell (``workers.probe.matmul_gflops`` on one thread, as ``edgetrain profile``
 does), so load from other processes on a shared host is in the prediction's input.
 
     .venv/bin/python bench/plan_accuracy.py                       # ~10 min
@@ -88,7 +88,7 @@ def host_gflops_per_thread() -> float:
     """One-thread fp32 matmul rate now (the probe's own method, in a fresh process; the
     best of three: a single short measurement was 40 % low once on an idle host)."""
     code = ("import torch; torch.set_num_threads(1)\n"
-            "from workers.speed import matmul_gflops\n"
+            "from workers.probe import matmul_gflops\n"
             "print(max(matmul_gflops('float32', 'cpu', 0.3) for _ in range(3)))")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)

@@ -35,7 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from workers.dist import free_port  # noqa: E402
-from workers.speed import activation_gbps  # noqa: E402
 
 # (label, preset overrides, batch, seq, threads, steps); custom shapes vary h / L / ffn
 # independently so that matmul FLOPs, activation traffic and per-block overhead separate.
@@ -116,8 +115,6 @@ def child(spec: dict) -> dict:
     # On one thread, CPU time is what the work costs; wall time also counts the time
     # slices other processes on a shared host took (the calibration host is shared).
     gflops_cpu = max(matmul_gflops(torch, 0.3, time.process_time) for _ in range(3))
-    # the profile's second figure: what the non-matmul terms scale by (same probe, CPU time)
-    act_gbps_cpu = max(activation_gbps(0.3, time.process_time) for _ in range(3))
     preset = replace(PRESETS[spec["preset"]], **spec["overrides"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -153,7 +150,7 @@ def child(spec: dict) -> dict:
         timed("bwd", loss.backward)
         timed("opt", opt_step)
     marks["end"] = _status()
-    return {"spec": spec, "gflops": gflops, "gflops_cpu": gflops_cpu, "act_gbps_cpu": act_gbps_cpu, "marks": marks, "times": phases, "cpu": cpu, "hwm": hwm, "vm": vm,
+    return {"spec": spec, "gflops": gflops, "gflops_cpu": gflops_cpu, "marks": marks, "times": phases, "cpu": cpu, "hwm": hwm, "vm": vm,
             "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -285,11 +282,6 @@ def fit(results: list[dict]) -> None:
     from workers.models import PRESETS
 
     rows, ys, orows, oys, info = [], [], [], [], []
-    # Each configuration's non-matmul terms are brought to one reference activation
-    # throughput (the median of the one-thread runs' probes): the host drifts between
-    # runs, and the cost model scales these terms by a device's probe the same way.
-    acts = sorted(r["act_gbps_cpu"] for r in results if r.get("act_gbps_cpu") and r["spec"]["threads"] == 1)
-    ref_act = acts[len(acts) // 2] if acts else None
     for r in results:
         sp = r["spec"]
         shape = ModelShape.from_preset(replace(PRESETS[sp["preset"]], **sp["overrides"]))
@@ -308,32 +300,30 @@ def fit(results: list[dict]) -> None:
         # the dense token-embedding gradient is allocated and accumulated every micro-step:
         # a fixed cost per byte measured separately (``--embed``), taken out before the fit
         emb = shape.vocab_size * shape.proj * FP32
-        slow = ref_act / r["act_gbps_cpu"] if ref_act and r.get("act_gbps_cpu") else 1.0
-        t_fb -= EMBED_GRAD_S_PER_BYTE * emb * slow
-        row = np.array([flops / g, act * slow, shape.n_layer * slow, slow])
-        orow = np.array([r["params"], n_t]) * slow
+        t_fb -= EMBED_GRAD_S_PER_BYTE * emb
+        row = np.array([flops / g, act, shape.n_layer, 1.0])
+        orow = np.array([r["params"], n_t])
         if one:
             rows.append(row / t_fb), ys.append(1.0)
             orows.append(orow / t_opt), oys.append(1.0)
-        info.append((r, shape, row, orow, t_fb, t_opt, g, act, one, slow))
+        info.append((r, shape, row, orow, t_fb, t_opt, g, act, one))
     x = _nnls(np.array(rows), np.array(ys))
     xo = _nnls(np.array(orows), np.array(oys))
     g1 = max(r["gflops_cpu"] for r in results if r["spec"]["threads"] == 1)
-    print(f"host matmul (512^3, 1 thread, CPU time): {g1:.0f} GFLOP/s; activation throughput "
-          f"(1 thread, CPU time, median of the runs, ref_act_gbps): {ref_act or float('nan'):.2f} GB/s")
+    print(f"host matmul (512^3, 1 thread, CPU time): {g1:.0f} GFLOP/s")
     print(f"fit: matmul_efficiency {1 / x[0] if x[0] else float('inf'):.3f}  act_s_per_byte {x[1]:.3g}  "
           f"block_s {x[2]:.3g}  step_s {x[3]:.3g}  (embed_grad_s_per_byte {EMBED_GRAD_S_PER_BYTE:.3g}, fixed)")
     print(f"optimizer: opt_s_per_param {xo[0]:.3g}  opt_s_per_tensor {xo[1]:.3g}")
     mib = 2 ** 20
     print(f"{'config':<44} {'thr':>3} {'t_fb':>7} {'pred':>7} {'err':>5} {'t_opt':>7} {'pred':>7} | "
           f"{'rss0':>5} {'vm0':>5} | {'W':>6} {'act':>6} | {'hwm':>6} {'extra':>6} {'x act':>5} | {'vm-rss':>6}")
-    for r, shape, row, orow, t_fb, t_opt, g, act, one, slow in info:
+    for r, shape, row, orow, t_fb, t_opt, g, act, one in info:
         sp = r["spec"]
         pred = float(row @ x) if one else float(row @ x)  # 2 threads: same formula, g is 2-thread
         if not one:  # fixed terms do not speed up with threads; matmuls do (row[0] uses g)
             pred = float(row[0] * x[0] + (row[1:] @ x[1:]))
-        pred += EMBED_GRAD_S_PER_BYTE * shape.vocab_size * shape.proj * FP32 * slow
-        t_fb += EMBED_GRAD_S_PER_BYTE * shape.vocab_size * shape.proj * FP32 * slow
+        pred += EMBED_GRAD_S_PER_BYTE * shape.vocab_size * shape.proj * FP32
+        t_fb += EMBED_GRAD_S_PER_BYTE * shape.vocab_size * shape.proj * FP32
         pred_o = float(orow @ xo)
         m = r["marks"]
         w = r["params"] * 4
@@ -345,43 +335,6 @@ def fit(results: list[dict]) -> None:
               f"{t_opt:7.4f} {pred_o:7.4f} | {m['runtime']['VmRSS'] / mib:5.0f} {m['runtime']['VmSize'] / mib:5.0f} | "
               f"{w / mib:6.1f} {act / mib:6.1f} | {peak / mib:6.0f} {extra / mib:6.0f} {extra / act:5.2f} | "
               f"{vm_gap / mib:6.0f}")
-    reference_act(info)
-
-
-def reference_act(info: list) -> None:
-    """``ref_act_gbps`` for the cost model's current constants, from these runs.
-
-    The constants were fitted on another day, when the host ran at another speed.  A
-    run's non-matmul time (forward + backward less the model's matmul time at the run's
-    own GEMM rate; the optimizer step) over what the constants predict at slowdown 1 is
-    its slowdown against that day; times its activation probe, that is the throughput
-    the constants correspond to.  The median over the one-thread runs is printed.
-    """
-    import statistics
-
-    from app.planner.costmodel import CALIBRATION as cal
-    refs, opt_refs = [], []
-    print(f"{'config':<44} {'act GB/s':>8} {'fixed s':>8} {'model':>8} {'slow':>5} {'ref':>6} | "
-          f"{'opt s':>7} {'model':>7} {'slow':>5} {'ref':>6}")
-    for r, shape, row, orow, t_fb, t_opt, g, act, one, _slow in info:
-        if not one or not r.get("act_gbps_cpu"):
-            continue
-        sp = r["spec"]
-        emb = shape.vocab_size * shape.proj * FP32
-        # t_fb had the embedding gradient taken out for the fit: put it back
-        fixed = t_fb + EMBED_GRAD_S_PER_BYTE * emb * _slow - row[0] / cal.matmul_efficiency
-        model = (cal.act_s_per_byte * act + cal.block_s * shape.n_layer + cal.step_s
-                 + cal.embed_grad_s_per_byte * emb)
-        opt_model = cal.opt_s_per_param * r["params"] + cal.opt_s_per_tensor * (12 * shape.n_layer + 6)
-        a = r["act_gbps_cpu"]
-        refs.append(fixed / model * a)
-        opt_refs.append(t_opt / opt_model * a)
-        label = f"{sp['preset']}{sp['overrides'] or ''} b{sp['batch']} s{sp['seq']}"
-        print(f"{label:<44} {a:8.2f} {fixed:8.4f} {model:8.4f} {fixed / model:5.2f} {refs[-1]:6.2f} | "
-              f"{t_opt:7.4f} {opt_model:7.4f} {t_opt / opt_model:5.2f} {opt_refs[-1]:6.2f}")
-    if refs:
-        print(f"ref_act_gbps for the current constants: {statistics.median(refs):.2f} GB/s "
-              f"(forward + backward; optimizer alone: {statistics.median(opt_refs):.2f})")
 
 
 FP32 = 4

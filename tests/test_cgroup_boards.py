@@ -102,9 +102,6 @@ def test_cpu_quotas_keep_the_boards_relative_speeds_and_profile_measures_them(tm
     # a quota caps, it does not guarantee: on a busy host either board may get less than
     # its share (measured 1.9-4.9 here), but the NX is always clearly the faster
     assert 1.5 < measured < 6.0, (measured, profiles)
-    # the one-thread activation probe sees the quota as well
-    act = profiles["nx0"].act_gbps / profiles["nano0"].act_gbps
-    assert 1.5 < act < 6.0, (act, profiles)
 
 
 @needs_cgroups

@@ -127,7 +127,7 @@ def cmd_devices_trust(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- profile
 
 def print_profiles(profiles: list, matrix, out=sys.stdout) -> None:
-    hdr = (f"{'device':<12} {'arch':<8} {'thr':>3} {'mem limit':>9} {'GFLOP/s':>8} {'fp16':>7} {'act GB/s':>8} "
+    hdr = (f"{'device':<12} {'arch':<8} {'thr':>3} {'mem limit':>9} {'GFLOP/s':>8} {'fp16':>7} "
            f"{'gpu':<16} {'torch':<12} {'power':<9} {'age':>6}")
     print(hdr, file=out)
     print("-" * len(hdr), file=out)
@@ -135,11 +135,10 @@ def print_profiles(profiles: list, matrix, out=sys.stdout) -> None:
     for p in profiles:
         gf = f"{p.gflops_fp32:.1f}" if p.gflops_fp32 else "-"
         f16 = f"{p.gflops_fp16:.0f}" if p.gflops_fp16 else "-"
-        act = f"{p.act_gbps:.1f}" if p.act_gbps else "-"
         gpu = f"{p.gpu.name[:10]} {_fmt_bytes(p.gpu.mem_bytes)}" if p.gpu else "-"
         age = now - p.collected_at
         age_s = f"{age:.0f}s" if age < 120 else (f"{age / 60:.0f}m" if age < 7200 else f"{age / 3600:.0f}h")
-        print(f"{p.name:<12} {p.arch:<8} {p.threads:>3} {_fmt_bytes(p.mem_limit_bytes):>9} {gf:>8} {f16:>7} {act:>8} "
+        print(f"{p.name:<12} {p.arch:<8} {p.threads:>3} {_fmt_bytes(p.mem_limit_bytes):>9} {gf:>8} {f16:>7} "
               f"{gpu:<16} {str(p.versions.get('torch') or 'MISSING'):<12} {p.power_source:<9} "
               f"{age_s + ('*' if p.from_cache else ''):>6}", file=out)
         if p.torch_error:

@@ -96,7 +96,6 @@ class DeviceProfile:
     host: str = ""
     port: int = 22
     torch_error: str | None = None
-    act_gbps: float | None = None
     from_cache: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -232,8 +231,7 @@ def build_profile(device: Device, info: dict[str, Any]) -> DeviceProfile:
         p_idle_w=float(info.get("p_idle_w") or DEFAULT_P_IDLE_W),
         p_max_w=float(info.get("p_max_w") or DEFAULT_P_MAX_W),
         power_source=str(info.get("power_source") or "estimate"), labels=labels,
-        host=device.host, port=device.port, torch_error=info.get("torch_error"),
-        act_gbps=info.get("act_gbps"))
+        host=device.host, port=device.port, torch_error=info.get("torch_error"))
 
 
 # --------------------------------------------------------------------------- profiling
@@ -349,8 +347,6 @@ async def profile_devices(devices: list[Device], known_hosts: KnownHosts, cache_
                 cache.save(prof)
                 profiles[d.name] = prof
                 gf = f"{prof.gflops_fp32:.0f} GFLOP/s" if prof.gflops_fp32 else f"no torch ({prof.torch_error})"
-                if prof.act_gbps:
-                    gf += f", activations {prof.act_gbps:.1f} GB/s"
                 say(f"{d.name}: {prof.arch}, {prof.threads} threads, {gf}")
 
         links = dict(old_links)

@@ -11,8 +11,8 @@ gloo group with the DP trainer: DDP + AdamW; see :data:`CALIBRATION` for the num
 
     compute   = FLOPs / (eff * G) + (k_act * activation bytes + k_block * block passes
                 + k_step * micro-steps + k_embed * embedding-gradient bytes
-                + k_tp * tensor-parallel linears) * slow
-    optimizer = (k_opt * params + k_tensor * tensors) * slow, every k steps
+                + k_tp * tensor-parallel linears) * (G_ref_core / G_core)
+    optimizer = (k_opt * params + k_tensor * tensors) * (G_ref_core / G_core), every k steps
     RSS       = runtime + first-step runtime + weights + grads + 2 x AdamW state
                 + DDP bucket + f_family * saved activations (+ AdamW temporaries)
 
@@ -23,12 +23,9 @@ gradient accumulation and bf16 change the saved activations and FLOPs the planne
 passes in; bf16 adds autocast's weight copies to forward and backward.
     virtual   = RSS + address space reserved but not resident (thread arenas/stacks)
 
-``G`` is the device's fp32 matmul rate (a profile's ``gflops_fp32``: all its threads).
-``slow`` is how much slower than the calibration host the device runs non-matmul work:
-``A_ref / A`` with ``A`` its measured one-thread activation throughput (a profile's
-``act_gbps``), else ``G_ref_core / G_core`` by the matmul rate per thread.  Either is per
-thread: fixed per-op costs do not get faster with more threads (an assumption: the
-calibration host was too loaded to measure 2-thread scaling).
+``G`` is the device's fp32 matmul rate (a profile's ``gflops_fp32``: all its threads),
+``G_core`` the same per thread: fixed per-op costs do not get faster with more threads
+(an assumption: the calibration host was too loaded to measure 2-thread scaling).
 The measurements behind every constant are in ``bench/RESULTS.md`` ("Calibration of
 the cost model"); the raw data in ``bench/data/plan_calibration.json``.
 
@@ -77,11 +74,7 @@ class Calibration:
     opt_s_per_param, opt_s_per_tensor
         Single-tensor AdamW on CPU (memory bound): per parameter and per tensor.
     ref_core_gflops
-        Per-thread matmul rate of the calibration host; fixed costs scale by it on a
-        device whose activation throughput is not measured.
-    ref_act_gbps
-        One-thread activation throughput of the calibration host
-        (``workers.speed.activation_gbps``): the per-byte and per-op terms scale by it.
+        Per-thread matmul rate of the calibration host; fixed costs scale by it.
     runtime_rss_bytes
         RSS of a worker process before its model: python + torch + transformers +
         the workers package + a gloo group.  Measured: ``bench/plan_calibrate.py
@@ -128,7 +121,6 @@ class Calibration:
     opt_s_per_param: float = 4.1e-9
     opt_s_per_tensor: float = 3.2e-5
     ref_core_gflops: float = 200.0
-    ref_act_gbps: float | None = None
     runtime_rss_bytes: int = 340 * MIB
     runtime_file_bytes: int = 96 * MIB
     rss_per_peer_bytes: int = 0
@@ -175,9 +167,6 @@ class DeviceSpec:
         False for a generic default (no profile, no preset): flagged in the output.
     source
         Where the numbers came from (``profile``, ``preset jetson-nano``, ``default``).
-    act_gbps
-        One-thread activation throughput (a profile's ``act_gbps``), GB/s, or ``None``
-        when not measured (the fixed terms then scale with the matmul rate).
     """
 
     name: str
@@ -190,17 +179,10 @@ class DeviceSpec:
     mem_is_virtual: bool = False
     profiled: bool = True
     source: str = "profile"
-    act_gbps: float | None = None
 
     @property
     def core_gflops(self) -> float:
         return self.gflops / max(1, self.threads)
-
-    def fixed_slowdown(self, cal: Calibration) -> float:
-        """Non-matmul slowdown against the calibration host (see the module formula)."""
-        if self.act_gbps and cal.ref_act_gbps:
-            return cal.ref_act_gbps / self.act_gbps
-        return cal.ref_core_gflops / max(1e-9, self.core_gflops)
 
 
 #: Per-thread fp32 matmul rate of this kind of host (512^3, ``edgetrain profile``'s
@@ -230,8 +212,7 @@ def spec_from_profile(profile: Any) -> DeviceSpec:
                       p_idle_w=float(getattr(profile, "p_idle_w", 5.0) or 5.0),
                       p_max_w=float(getattr(profile, "p_max_w", 15.0) or 15.0),
                       power_source=str(getattr(profile, "power_source", "estimate") or "estimate"),
-                      threads=threads, mem_is_virtual=emulated, source="profile",
-                      act_gbps=getattr(profile, "act_gbps", None) or None)
+                      threads=threads, mem_is_virtual=emulated, source="profile")
 
 
 def spec_from_preset(name: str, preset: Any, threads: int | None = None,
@@ -392,7 +373,7 @@ def compute_seconds(spec: DeviceSpec, flops: float, act_bytes: float, block_pass
 
     ``embed_bytes`` is the embedding gradient summed over the micro-steps.
     """
-    slow = spec.fixed_slowdown(cal)
+    slow = cal.ref_core_gflops / max(1e-9, spec.core_gflops)
     return (flops / (cal.matmul_efficiency * spec.gflops * 1e9)
             + (cal.act_s_per_byte * act_bytes + cal.block_s * block_passes + cal.step_s * micro_steps
                + cal.embed_grad_s_per_byte * embed_bytes + cal.tp_module_s * tp_modules) * slow)
@@ -401,7 +382,7 @@ def compute_seconds(spec: DeviceSpec, flops: float, act_bytes: float, block_pass
 def optimizer_seconds(spec: DeviceSpec, params: int, n_tensors: int, cal: Calibration = CALIBRATION,
                       optimizer: str = "adamw") -> float:
     """One optimizer step (AdamW calibrated; others scaled) over ``params`` parameters in ``n_tensors`` tensors."""
-    slow = spec.fixed_slowdown(cal)
+    slow = cal.ref_core_gflops / max(1e-9, spec.core_gflops)
     return (cal.opt_s_per_param * knobs.OPT_TIME_PER_PARAM[optimizer] * params
             + cal.opt_s_per_tensor * knobs.OPT_TIME_PER_TENSOR[optimizer] * n_tensors) * slow
 
