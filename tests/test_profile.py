@@ -137,3 +137,33 @@ def test_link_matrix_roundtrip():
     assert m.bandwidth("b", "a") == 100.0 and m.rtt("a", "b") == 0.5
     assert m.bandwidth(CONTROLLER, "a") == 50.0 and m.bandwidth("a", CONTROLLER) is None
     assert LinkMatrix(**json.loads(json.dumps(m.to_dict()))) == m
+
+
+def test_a_testbed_profile_from_before_the_testbed_started_is_measured_again(tmp_path):
+    """An emulated device computes with a share of this host, whose speed drifts: its profile
+    holds for the testbed instance it was measured on.  A real device's stays valid until
+    its address (or its software, see cache_valid) changes."""
+    from app.devices.profile import is_stale
+
+    inv_path = tmp_path / "inventory.yaml"
+    inv_path.write_text("version: 1\ndevices:\n"
+                        "  - {name: dev0, host: 127.0.0.5, port: 2222, labels: {testbed: local}}\n"
+                        "  - {name: box, host: 10.0.0.9}\n")
+    started = inv_path.stat().st_mtime
+    dev, box = load_inventory(inv_path).devices
+
+    def measured(device, at: float, **kw) -> DeviceProfile:
+        fields = dict(name=device.name, collected_at=at, versions={}, os="Linux", arch="x86_64", cpu_model="cpu",
+                      cores=2, threads=1, mem_total_bytes=None, mem_available_bytes=None, mem_limit_bytes=None,
+                      gpu=None, sensors={}, gflops_fp32=100.0, gflops_fp16=None, p_idle_w=5.0, p_max_w=15.0,
+                      power_source="estimate", labels=dict(device.labels), host=device.host, port=device.port)
+        return DeviceProfile(**{**fields, **kw})
+
+    assert not is_stale(measured(dev, started + 5), dev, inv_path)
+    assert is_stale(measured(dev, started - 5), dev, inv_path)      # the testbed started since
+    assert is_stale(measured(dev, started + 5, port=2223), dev, inv_path)  # another address
+    assert not is_stale(measured(box, started - 3600), box, inv_path)  # a real board: still its speed
+    assert not is_stale(measured(dev, started - 5), dev, None)        # no inventory file to date it by
+    # the testbed writing its inventory again (a new start) makes the fresh profile stale
+    os.utime(inv_path, (started + 10, started + 10))
+    assert is_stale(measured(dev, started + 5), dev, inv_path)

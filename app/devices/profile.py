@@ -377,6 +377,25 @@ async def profile_devices(devices: list[Device], known_hosts: KnownHosts, cache_
             c.close()
 
 
+def is_stale(prof: DeviceProfile, device: Device, inventory_path: Path | None) -> bool:
+    """Whether ``prof`` no longer describes ``device``.
+
+    A profile of another address is another machine's.  An emulated device of the local
+    testbed computes with a share of this host, whose speed drifts (this VM's matmul rate
+    read 90 to 180 GFLOP/s within minutes): its profile holds only for the testbed
+    instance it was measured on, so one taken before the testbed last wrote its
+    inventory (``inventory_path``, written at start) is measured again.
+    """
+    if (prof.host, prof.port) != (device.host, device.port):
+        return True
+    if device.labels.get("testbed") != "local" or inventory_path is None:
+        return False
+    try:
+        return prof.collected_at < Path(inventory_path).stat().st_mtime
+    except OSError:
+        return False
+
+
 def load_cached_profiles(names: list[str], cache_dir: Path | str | None = None) -> dict[str, DeviceProfile]:
     """Cached profiles of ``names`` that exist (no device is contacted; for the planner/GUI)."""
     cache = ProfileCache(cache_dir)

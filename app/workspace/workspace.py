@@ -19,7 +19,7 @@ import asyncssh
 
 from app.devices.discovery import DeviceList
 from app.devices.inventory import Inventory, load_inventory
-from app.devices.profile import DeviceProfile, LinkMatrix, ProfileCache, load_cached_profiles, profile_devices
+from app.devices.profile import DeviceProfile, LinkMatrix, ProfileCache, is_stale, load_cached_profiles, profile_devices
 from app.devices.ssh import KnownHosts, fetch_host_key, fingerprint
 from app.paths import default_known_hosts, default_runs_dir, edgetrain_home
 from app.planner.shape import UnknownModelError, resolve_model
@@ -106,7 +106,12 @@ class Workspace:
     # ------------------------------------------------------------------ profiles
     def load_cached_profiles(self) -> None:
         """Profiles and link rates measured earlier (nothing is contacted)."""
-        self.profiles.update(load_cached_profiles([e.name for e in self.devices.entries()]))
+        entries = {e.name: e for e in self.devices.entries()}
+        self.profiles.update(load_cached_profiles(list(entries)))
+        # a stale one (its testbed started again since) is dropped: the window measures again
+        for n in [n for n, p in self.profiles.items()
+                  if n in entries and is_stale(p, entries[n].device, self.inventory_path)]:
+            del self.profiles[n]
         for key, val in ProfileCache().load_links().items():
             a, _, b = key.partition("->")
             if val.get("mbps"):
