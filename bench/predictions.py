@@ -15,7 +15,8 @@ Three consecutive rounds on this machine's testbed, each of:
 
 Every figure is latency per sample in steady state (the first step, which builds the
 optimizer state and warms the allocator, is left out of both).  Prints each figure, its
-error, and last whether all nine are within +-20 %.
+error, the host's one-thread matmul rate before and after the case (this VM's speed
+drifts by up to 2x within minutes), and last whether all nine are within +-20 %.
 
     .venv/bin/python bench/predictions.py [--rounds 3]
 """
@@ -90,6 +91,21 @@ def gui_round(home: Path, inventory: Path, settings_args: list[str]) -> tuple[fl
         app.processEvents()
 
 
+def host_gflops() -> float:
+    """This host's one-thread matmul rate now (best of three 0.2 s windows, as a profile
+    measures it): printed before and after each case, so the host's own drift during a
+    case stands next to the prediction's error."""
+    import torch
+
+    from workers.probe import matmul_gflops
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return max(matmul_gflops("float32", "cpu", 0.2) or 0.0 for _ in range(3))
+    finally:
+        torch.set_num_threads(before)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -118,15 +134,20 @@ def main() -> int:
     try:
         for rnd in range(1, args.rounds + 1):
             t0 = time.monotonic()
+            speeds = [host_gflops()]
             demo = cli(home, "demo", "--base-addr", "127.0.53.1", "--port", "2222", "--no-export")
             rows.append((rnd, "demo", *from_line(demo, "demo")))
+            speeds.append(host_gflops())
             run = cli(home, "run", "--inventory", str(tb / "inventory.yaml"), "--no-export",
                       *shlex.split(args.run_args))
             rows.append((rnd, "run", *from_line(run, "edgetrain run")))
+            speeds.append(host_gflops())
             rows.append((rnd, "gui", *gui_round(home, gui_tb / "inventory.yaml", shlex.split(args.gui_args))))
-            for r in rows[-3:]:
+            speeds.append(host_gflops())
+            for i, r in enumerate(rows[-3:]):
                 print(f"round {r[0]}  {r[1]:<5} predicted {r[2]:8.3f} ms/sample  measured {r[3]:8.3f}  "
-                      f"{(r[3] - r[2]) / r[2]:+6.0%}", flush=True)
+                      f"{(r[3] - r[2]) / r[2]:+6.0%}   host {speeds[i]:4.0f} -> {speeds[i + 1]:4.0f} GFLOP/s",
+                      flush=True)
             print(f"  ({time.monotonic() - t0:.0f} s)", flush=True)
     finally:
         cli(home, "testbed", "down", "--dir", str(tb))

@@ -172,3 +172,35 @@ def test_export_target_never_writes_over_the_users_files(tmp_path, monkeypatch):
     monkeypatch.setattr(history, "EXPORT_MODULES", ("torch", "no_such_module_edgetrain"))
     why = export_unavailable()
     assert "no_such_module_edgetrain" in why and "torch," not in why and "Fix: install" in why
+
+
+def test_steady_energy_per_sample_leaves_each_devices_first_step_out(tmp_path):
+    """The planner predicts steady state; the first step (optimizer state, warm-up) of a short
+    run holds most of its energy, so the comparable figure starts after it."""
+    out = io.StringIO()
+    em = [Emitter("r", r, f"d{r}", out) for r in range(2)]
+    energies = {0: [9.0, 0.25, 0.5], 1: [7.0, 0.75, 1.0]}   # J per step; step 0 the expensive one
+    for r in range(2):
+        em[r].emit("hello", world_size=2, parallelism="dp", model="tiny-gpt2", pid=10 + r)
+    for it in range(3):
+        for r in range(2):
+            em[r].emit("step", step=it, samples=16, local_samples=8, latency_s=0.1, latency_per_sample_s=0.01,
+                       energy_j=energies[r][it], peak_mem_bytes=2**20, loss=1.0)
+    state = RunState("r", ["d0", "d1"], {"settings": {"model": "tiny-gpt2", "parallelism": "dp", "steps": 3}},
+                     run_dir=tmp_path / "r")
+    recs = [parse_line(line) for line in out.getvalue().splitlines()]
+    for rec in recs[:-2]:              # the last step not in yet
+        state.feed(rec)
+    later = sum(e for es in energies.values() for e in es[1:2])
+    assert state.summary()["steady_energy_per_sample_j"] == pytest.approx(later / 16)
+    for rec in recs[-2:]:
+        state.feed(rec)
+    s = state.summary()
+    later = sum(e for es in energies.values() for e in es[1:])
+    assert s["steady_energy_per_sample_j"] == pytest.approx(later / 32)
+    assert s["energy_per_sample_j"] == pytest.approx(sum(map(sum, energies.values())) / 48)
+    # a device with only its first step reported: no steady figure yet
+    fresh = RunState("f", ["d0", "d1"], {"settings": {"steps": 3}}, run_dir=tmp_path / "f")
+    for rec in recs[:4]:
+        fresh.feed(rec)
+    assert fresh.summary()["steady_energy_per_sample_j"] is None

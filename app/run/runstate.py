@@ -22,6 +22,24 @@ log = logging.getLogger("edgetrain.runstate")
 STATUSES = ("pending", "connecting", "starting", "running", "done", "failed", "oom", "stopped", "lost")
 
 
+def steady_energy_per_sample(devs: list[DeviceRun]) -> float | None:
+    """Energy per sample after each device's first reported step, all devices together.
+
+    What the planner predicts: the first step also builds the optimizer state and warms
+    the allocator and kernels, and in a short run it holds most of the energy (a 2-step
+    tiny-model run: ~10x the steady figure).  ``None`` until every device has reported a
+    step after its first, each with an energy figure.
+    """
+    energy, samples = 0.0, 0
+    for d in devs:
+        later = d.step_energies[1:]
+        if not later or any(e is None for e in later):
+            return None
+        energy += sum(later)
+        samples = max(samples, sum(d.step_samples[1:]))  # every rank counts the global samples
+    return energy / samples if samples and energy > 0 else None
+
+
 @dataclass
 class DeviceRun:
     """One rank's device during a run."""
@@ -45,6 +63,9 @@ class DeviceRun:
     # step ended (None where the worker did not say: an older worker, or the first step)
     cpu_times: list[float | None] = field(default_factory=list)
     periods: list[float | None] = field(default_factory=list)
+    # per reported step: its samples and energy (None where not measured)
+    step_samples: list[int] = field(default_factory=list)
+    step_energies: list[float | None] = field(default_factory=list)
     exit: str | None = None
     message: str | None = None
     param_digest: str | None = None
@@ -186,6 +207,8 @@ class RunState:
             dev.latencies.append(rec["latency_per_sample_s"])
             dev.cpu_times.append(rec.get("cpu_s"))
             dev.periods.append(rec.get("period_s"))
+            dev.step_samples.append(rec["samples"])
+            dev.step_energies.append(rec.get("energy_j"))
             if rec.get("energy_j") is not None:
                 dev.energy_j += rec["energy_j"]
                 dev.energy_source, dev.energy_method = rec.get("energy_source"), rec.get("energy_method")
@@ -310,6 +333,7 @@ class RunState:
             "throughput_sps": samples / busy if busy else None,
             "latency_per_sample_s": max(lat) if lat else None,
             "energy_per_sample_j": energy / samples if samples and energy else None,
+            "steady_energy_per_sample_j": steady_energy_per_sample(devs),
             "energy_methods": methods, "rejected_telemetry_lines": self.rejected_lines,
             # per device and reason (app.run.telemetry.Reject), and the first message of each
             "rejected_telemetry": {d: dict(r) for d, r in self.rejected.items()},

@@ -79,7 +79,8 @@ def _fill(cell: SweepCell, state: RunState) -> None:
     cell.outcome = s["outcome"] or "failed"
     cell.run_id = state.run_id
     cell.latency_per_sample_s = s["latency_per_sample_s"]
-    cell.energy_per_sample_j = s["energy_per_sample_j"]
+    # steady state, as the planner predicts it (the first step's warm-up left out)
+    cell.energy_per_sample_j = s["steady_energy_per_sample_j"] or s["energy_per_sample_j"]
     cell.energy_methods = s["energy_methods"]
     cell.throughput_sps = s["throughput_sps"]
     cell.peak_mem_bytes = {d["device"]: d["peak_mem_bytes"] for d in s["devices"]}
