@@ -292,3 +292,37 @@ def test_gui_subcommand(monkeypatch, capsys):
         monkeypatch.delenv(var, raising=False)
     assert cmd_gui(args) == 2                       # no display: a message, not a crash
     assert "no display" in capsys.readouterr().err
+
+
+def test_an_oom_preview_says_what_would_fit_and_applies_it(qtbot, tmp_path):
+    """GPT2-L pipelined over four 4 GB Nanos runs out of memory as set; the preview says which
+    knobs fit (as `edgetrain plan` does), Apply sets them, and the new plan fits."""
+    inv = tmp_path / "inv.yaml"
+    inv.write_text(yaml.safe_dump({"version": 1, "devices": [
+        {"name": f"nano{i}", "host": f"127.0.3.{1 + i}", "labels": {"preset": "jetson-nano", "mem_cap": "cgroup"}}
+        for i in range(4)]}))
+    w = open_window(qtbot, tmp_path, inv)
+    s = w.run_config.settings()
+    s.model, s.parallelism, s.batch_size, s.seq_len = "gpt2-l", "pp", 128, 32
+    w.run_config.set_settings(s)
+    for i in range(4):
+        w.toggle_participant(f"nano{i}", True)
+
+    def planned(pred) -> bool:
+        pv = w.plan_view.preview
+        return not w.planner.busy and pv is not None and len(pv.devices) == 4 and pred(pv)
+
+    qtbot.waitUntil(lambda: planned(lambda pv: pv.any_oom), timeout=30000)
+    pv = w.plan_view.preview
+    fix = pv.fit_changes
+    assert fix and w.plan_view.apply_button.isVisible()
+    assert "To fit: PP with" in w.plan_view.recommendation.text()
+    assert pv.plan.suggestion["text"] in w.plan_view.recommendation.text()
+    qtbot.mouseClick(w.plan_view.apply_button, Qt.LeftButton)
+    now = w.run_config.settings()
+    for key, value in fix.items():
+        got = getattr(now, key)
+        assert getattr(got, "value", got) == value, (key, got, value)
+    qtbot.waitUntil(lambda: planned(lambda p: p is not pv and not p.any_oom), timeout=30000)
+    assert not w.plan_view.apply_button.isVisible()
+    close_window(w)

@@ -10,6 +10,7 @@ the asyncio thread and comes back through queued signals.  Device actions live i
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,7 @@ class QtMainWindow(QMainWindow):
         self.drill.message.connect(self.statusBar().showMessage)
         self.run.restarted.connect(self._on_restarted)
         self.run_config.settings_changed.connect(self._on_settings_changed)
+        self.plan_view.apply_requested.connect(self.apply_fit)
         self.workspace.topology.order_changed.connect(self._on_order_changed)
         self.workspace.profiles_changed.connect(self._on_profiles_changed)
         self.planner.updated.connect(self._on_plan)
@@ -274,6 +276,11 @@ class QtMainWindow(QMainWindow):
         s = self.run_config.settings()
         self.workspace.topology.configure(parallelism=s.parallelism, n_layers=self.workspace.n_layers(s))
         self.planner.request()
+
+    def apply_fit(self, changes: dict[str, Any]) -> None:
+        """Set the knobs the planner says make the run fit (the preview then re-plans)."""
+        if not self.run.running:
+            self.run_config.set_settings(replace(self.run_config.settings(), **changes))
 
     def _on_order_changed(self, _ids: list[str]) -> None:
         self.planner.request()

@@ -18,6 +18,7 @@ from PySide6.QtWidgets import (
     QAbstractItemView,
     QHeaderView,
     QLabel,
+    QPushButton,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -121,7 +122,12 @@ MEMORY_TIP = (f"{MEMORY_LABEL}: predicted peak resident (physical) memory, the q
 
 
 class QtPlanView(QWidget):
-    """Shows a :class:`PlanPreview`: totals, the recommendation and one row per device."""
+    """Shows a :class:`PlanPreview`: totals, the recommendation and one row per device.
+
+    When the plan runs out of memory and some knobs would make it fit, *Apply* asks
+    (``apply_requested``, with the settings fields to change) to set them."""
+
+    apply_requested = Signal(dict)
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -129,6 +135,9 @@ class QtPlanView(QWidget):
         self.headline.setStyleSheet("font-weight: bold;")
         self.recommendation = QLabel(self)
         self.recommendation.setWordWrap(True)
+        self.apply_button = QPushButton("Apply the settings that fit", self)
+        self.apply_button.setVisible(False)
+        self.apply_button.clicked.connect(self._apply)
         self.source = QLabel(self)
         self.source.setStyleSheet("color: #6c757d;")
         self.table = QTableWidget(0, len(PLAN_COLUMNS), self)
@@ -151,6 +160,7 @@ class QtPlanView(QWidget):
         lay.setContentsMargins(4, 4, 4, 4)
         lay.addWidget(self.headline)
         lay.addWidget(self.recommendation)
+        lay.addWidget(self.apply_button, 0, Qt.AlignLeft)
         lay.addWidget(self.table, 1)
         lay.addWidget(self.source)
         self.preview: PlanPreview | None = None
@@ -169,6 +179,11 @@ class QtPlanView(QWidget):
             self.headline.setText("No plan.")
         self.headline.setStyleSheet("font-weight: bold;" + (" color: #c62828;" if pv.any_oom else ""))
         self.recommendation.setText(pv.recommendation + (f"\n{pv.error}" if pv.error else ""))
+        fix = pv.fit_changes
+        self.apply_button.setVisible(fix is not None)
+        if fix is not None:
+            self.apply_button.setToolTip("Sets " + ", ".join(f"{k} = {v}" for k, v in fix.items())
+                                         + " in the run configuration")
         self.source.setText("Source: EdgeTrain planner (profiles or board presets; dashed lines on the charts)"
                             if pv.plan is not None else "")
         self.source.setWordWrap(True)
@@ -186,6 +201,11 @@ class QtPlanView(QWidget):
                 # the cap cell carries the verdict: how full the cap is, and OOM in red
                 item.setBackground(QBrush(MEM_COLOURS[mem.level]) if c == 2 else QBrush())
                 item.setForeground(QBrush(MEM_BAR_COLOURS["oom"]) if c == 2 and mem.oom else QBrush())
+
+    def _apply(self) -> None:
+        fix = self.preview.fit_changes if self.preview is not None else None
+        if fix:
+            self.apply_requested.emit(fix)
 
     def cell(self, row: int, column: str) -> str:
         """The text of ``row``'s cell under the header ``column`` (tests, screenshots)."""

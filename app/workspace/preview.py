@@ -120,6 +120,12 @@ class PlanPreview:
         return next((d for d in self.devices if d.name == name), None)
 
     @property
+    def fit_changes(self) -> dict[str, Any] | None:
+        """The settings that would make an OOM plan fit (``Plan.suggestion``), if any do."""
+        sug = (self.plan.suggestion if self.plan is not None else None) or {}
+        return dict(sug["changes"]) if sug.get("fits") and sug.get("changes") else None
+
+    @property
     def any_oom(self) -> bool:
         return any(d.oom for d in self.devices)
 
@@ -176,6 +182,10 @@ def compute_preview(settings: RunSettings, order: list[str], devices: Sequence[D
     if plan.proposed_order:
         rec.append("Auto-arrange applies the faster order " + " → ".join(plan.proposed_order) + ".")
     rec += [w for w in plan.warnings if not w.startswith("order ")]
+    sug = plan.suggestion or {}
+    if sug.get("text"):
+        # what would make it fit, as `edgetrain plan` says it (Apply in the view sets it)
+        rec.insert(0, ("To fit: " if sug.get("fits") else "") + sug["text"])
     caps = {d.name: d.labels.get("mem_cap", "") for d in devices}
     return PlanPreview(plan=plan, recommendation="\n".join(rec), suggested_order=list(plan.proposed_order or order),
                        mem_caps=caps)
@@ -185,7 +195,12 @@ def _advice(shape: Any, specs: list, links: Any, settings: RunSettings) -> list[
     cmp = compare(shape, specs, links, settings)
     best = cmp.best
     if best is None:
-        return ["No parallelism fits these devices without running out of memory."]
+        fix = cmp.best_with_knobs
+        if fix is None:
+            return ["No parallelism fits these devices, with or without the memory knobs."]
+        if fix.parallelism == settings.parallelism:
+            return [f"{settings.parallelism.upper()} with those knobs is the planner's best choice."]
+        return [f"Nothing fits as set; with knobs the best is {fix.suggestion['text']}."]
     if best.parallelism != settings.parallelism:
         bt = best.totals
         return [f"Recommended: {best.parallelism.upper()} — {bt['latency_per_sample_s'] * 1e3:.3g} ms and "
