@@ -315,6 +315,17 @@ def test_good_settings_and_shares() -> None:
     assert rank_slice(14, 1, 2) == slice(7, 14)
 
 
+def test_survivors_keep_their_planned_shares() -> None:
+    """After a loss, DP survivors keep their planned shares, renormalised; equal stays equal,
+    and a survivor that would get no row falls back to equal shares."""
+    from workers.engine import survivor_shares
+    assert survivor_shares([1.0, 2.0, 3.0, 2.0], (0, 1, 3), 48) == [1.0, 2.0, 2.0]
+    assert share_bounds(48, survivor_shares([1.0, 2.0, 3.0, 2.0], (0, 1, 3), 48)) == [0, 9, 28, 48]
+    assert survivor_shares(None, (0, 2), 48) is None
+    assert survivor_shares([1.0, 1000.0, 1.0], (0, 2, 1), 8) is None   # original ranks 0 and 2 would get no row
+    assert survivor_shares([1.0, 2.0], None, 8) is None
+
+
 def test_cli_flags_reach_the_settings() -> None:
     import argparse
 

@@ -162,6 +162,22 @@ def test_prepare_run_applies_the_plans_shares_unless_the_user_gave_some(tmp_path
     assert launcher.job.dp_shares is None
 
 
+def test_the_plan_for_survivors_keeps_their_shares(tmp_path):
+    """What the launcher plans ahead for each possible loss uses the shares the DP workers
+    keep (their planned ones, renormalised: workers.engine.survivor_shares)."""
+    from app.devices.inventory import Device, Inventory
+    from app.run.planning import fallback_plans
+
+    inv = Inventory(devices=[Device(f"d{i}", f"10.0.0.{i + 1}", labels={"preset": "jetson-nano"}) for i in range(4)],
+                    known_hosts=str(tmp_path / "known_hosts"))
+    names = [d.name for d in inv.devices]
+    out = fallback_plans(inv, names, RunSettings(model="tiny-gpt2", batch_size=48, dp_shares=[1, 2, 3, 2]),
+                         use_cache=False)
+    assert out["d2"].devices == ["d0", "d1", "d3"]
+    assert out["d2"].plan["dp_shares"] == pytest.approx([0.2, 0.4, 0.4])
+    assert out["d0"].plan["dp_shares"] == pytest.approx([2 / 7, 3 / 7, 2 / 7])
+
+
 # --------------------------------------------------------------------------- memory-aware split
 
 

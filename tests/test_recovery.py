@@ -22,16 +22,20 @@ from app.run.jobs import prepare_run
 from app.run.resume import bring_home, load_past_run, resumed_settings
 from app.testbed.local import Testbed
 from tests.test_e2e_spine import base_addr
-from workers.config import RunSettings
+from workers.config import RunSettings, share_bounds
 
 pytestmark = pytest.mark.slow
 STEPS = 12
 DETECT_S = 5.0   # the promise: a lost device is named within this long
 
 
-def settings(steps: int = STEPS) -> RunSettings:
+#: uneven DP batch shares (DP only; PP ignores them): after a loss, survivors keep theirs
+SHARES = [1.0, 2.0, 3.0, 2.0]
+
+
+def settings(steps: int = STEPS, devices: int = 4) -> RunSettings:
     return RunSettings(model="tiny-gpt2", parallelism="dp", steps=steps, batch_size=48, sync_every=1,
-                       checkpoint_every=0, checkpoint_minutes=0, eval_every=0)
+                       checkpoint_every=0, checkpoint_minutes=0, eval_every=0, dp_shares=SHARES[:devices])
 
 
 def _records(state) -> list[dict]:
@@ -67,9 +71,9 @@ def test_dp_survivors_regroup_in_place_and_match_a_switched_run(tmp_path, sig):
             assert await launcher.run() == "done", first.events
             run = load_past_run(tmp_path / "ref", first.run_id)
             found = await bring_home(run, KnownHosts(inv.known_hosts_file()))
-            launcher, second = prepare_run(inv, ["dev0", "dev1", "dev3"], resumed_settings(run, found, steps=STEPS,
-                                                                                           n_devices=3),
-                                           tmp_path / "ref", resume=found)
+            resumed = resumed_settings(run, found, steps=STEPS, n_devices=3)
+            resumed.dp_shares = [SHARES[0], SHARES[1], SHARES[3]]   # what the survivors kept
+            launcher, second = prepare_run(inv, ["dev0", "dev1", "dev3"], resumed, tmp_path / "ref", resume=found)
             assert await launcher.run() == "done", second.events
             return outcome, state, t0, regrouped, second
     outcome, state, t0, regrouped, ref = asyncio.run(main())
@@ -86,6 +90,13 @@ def test_dp_survivors_regroup_in_place_and_match_a_switched_run(tmp_path, sig):
     assert {r["world_size"] for r in regrouped} == {3} and len(regrouped) == 3
     # no optimizer step lost: the survivors continued from the step they had all reached
     assert regrouped[0]["step"] >= 3
+    # each survivor kept its planned share of the batch, renormalised over the survivors
+    bounds = share_bounds(48, [SHARES[0], SHARES[1], SHARES[3]])
+    after = [r for r in _records(state) if r.get("type") == "step" and r["step"] >= regrouped[0]["step"]
+             and r.get("device") in ("dev0", "dev1", "dev3")]
+    for rank, name in enumerate(("dev0", "dev1", "dev3")):
+        rows = {r["local_samples"] for r in after if r["device"] == name}
+        assert rows == {bounds[rank + 1] - bounds[rank]}, (name, rows, bounds)
     digests = {devs[n].param_digest for n in ("dev0", "dev1", "dev3")}
     assert len(digests) == 1 and all(digests)
     if ref is not None:
@@ -145,7 +156,7 @@ def test_dp_cut_link_is_detected_and_the_others_continue(tmp_path):
 
     async def main(tb):
         inv = load_inventory(tb.inventory_path)
-        s = settings(40)
+        s = settings(40, devices=3)
         launcher, state = prepare_run(inv, None, s, tmp_path / "runs")
         task = asyncio.ensure_future(launcher.run())
         while min(d.steps for d in state.devices.values()) < 3:

@@ -178,6 +178,24 @@ def rank_slice(n: int, rank: int, world: int, shares: list[float] | None = None)
     return slice(start, start + base + (1 if rank < extra else 0))
 
 
+def survivor_shares(planned: list[float] | None, members, batch_size: int) -> list[float] | None:
+    """The batch shares of the devices left after a loss: their planned shares, renormalised.
+
+    ``planned`` are the launch's shares by original rank (``None``: equal), ``members`` the
+    original ranks that go on.  The planner picked shares by device speed, so the same
+    devices keep the same proportions, which is also what its re-plan of the survivors
+    picks.  Equal shares when they were equal, or when a survivor would get no row.
+    """
+    if planned is None or not members or max(members) >= len(planned):
+        return None
+    shares = [planned[r] for r in members]
+    try:
+        share_bounds(batch_size, shares)
+    except ValueError:
+        return None
+    return shares
+
+
 def model_parts(cfg: JobConfig, rank: int):
     """The model parts this rank must materialise (``None``: the whole model).
 

@@ -265,7 +265,8 @@ class TrainingLoop:
         if self.regroupable:
             if m.generation > 0:  # a peer lost mid-all-reduce may leave survivors a step apart
                 self.clean = sync_state(list(state_dict(self.trainer).values()), self.clean, control_pg)
-            self.trainer.regroup(generation_group(store, m, self.rank, bound, join_timeout_s=join), new_rank, m.size)
+            self.trainer.regroup(generation_group(store, m, self.rank, bound, join_timeout_s=join), new_rank, m.size,
+                                 m.ranks)
         self.flags.links.record(m.generation, before)
         self.control.group, self.ckpt.group = control_pg, ckpt_pg
         self.ckpt.rank = self.control.rank = new_rank

@@ -24,9 +24,14 @@ def device_specs(devices: Sequence[Device], all_devices: Sequence[Device] | None
                  gflops_per_thread: float | None = None) -> tuple[list[DeviceSpec], Links]:
     """Planner specs (rank order = ``devices``) and links, from cached profiles when ``use_cache``.
 
-    An unreadable cache counts as no cache: the plan then says which devices are unprofiled.
+    An unreadable cache counts as no cache, and a device's profile from another address as
+    none: the plan then says which devices are unprofiled.
     """
     profiles = load_cached_profiles([d.name for d in devices]) if use_cache else {}
+    # a profile measured at another address is another machine's (two testbeds both name
+    # their devices dev0, dev1, ...): such a device is planned from its preset instead
+    at = {d.name: (d.host, d.port) for d in devices}
+    profiles = {n: p for n, p in profiles.items() if (p.host, p.port) == at[n]}
     pairs = ProfileCache().load_links() if use_cache else {}
     return specs_for_devices(devices, all_devices, profiles=profiles, link_pairs=pairs, n_cpus=host_cpus(),
                              gflops_per_thread=gflops_per_thread)
@@ -105,8 +110,11 @@ def fallback_plans(inventory: Inventory, names: Sequence[str], settings: RunSett
     base = replace(settings.settings(), stages=None)
     for lost in names:
         rest = [n for n in names if n != lost]
+        # DP survivors keep their planned batch shares, renormalised (workers.engine.survivor_shares)
+        st = base if not base.dp_shares or len(base.dp_shares) != len(names) else \
+            replace(base, dp_shares=[base.dp_shares[names.index(n)] for n in rest] or None)
         try:
-            plan = plan_for_run(inventory, rest, base, use_cache=use_cache).to_dict() if rest else None
+            plan = plan_for_run(inventory, rest, st, use_cache=use_cache).to_dict() if rest else None
             out[lost] = Fallback(lost, rest, plan, "" if rest else "no device left")
         except (UnknownModelError, ValueError, KeyError) as exc:
             out[lost] = Fallback(lost, rest, None, str(exc))

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..config import JobConfig
-from ..engine import StepResult, Trainer, autocast, make_optimizer, rank_slice
+from ..engine import StepResult, Trainer, autocast, make_optimizer, rank_slice, survivor_shares
 from .dp import DataParallel
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,6 +40,7 @@ class DiLoCo(Trainer):
         self.device = device
         self.group = None
         self.shares = list(cfg.dp_shares) if cfg.dp_shares else None
+        self.planned_shares = self.shares  # by original rank (survivors keep theirs)
         rank_slice(cfg.batch_size, rank, self.world, self.shares)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.opt = make_optimizer(self.params, cfg)
@@ -112,7 +113,7 @@ class DiLoCo(Trainer):
     def checkpoint_params(self) -> dict[str, torch.nn.Parameter]:
         return dict(self.module.named_parameters())
 
-    def regroup(self, group, rank: int, world: int) -> None:
+    def regroup(self, group, rank: int, world: int, members=None) -> None:
         """Continue as replica ``rank`` of ``world`` in ``group`` (a device left): every
         survivor goes back to the anchor, so the moves since the last outer step, which
         the lost replica's part of would be missing from, are dropped."""
@@ -120,8 +121,7 @@ class DiLoCo(Trainer):
             for a, p in zip(self.anchor, self.params):
                 p.copy_(a)
         self.opt.zero_grad(set_to_none=True)
-        if self.shares is not None and len(self.shares) != world:
-            self.shares = None
+        self.shares = survivor_shares(self.planned_shares, members, self.cfg.batch_size)
         self.rank, self.world, self.group = rank, world, group
         self.role = f"replica {rank}"
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config import JobConfig
-from ..engine import EvalCounts, StepResult, Trainer, autocast, eval_counts, make_optimizer, rank_slice
+from ..engine import EvalCounts, StepResult, Trainer, autocast, eval_counts, make_optimizer, rank_slice, survivor_shares
 
 
 class DataParallel(Trainer):
@@ -37,6 +37,7 @@ class DataParallel(Trainer):
         self.group = None  # the replicas' process group (None: the default one, until regroup)
         # each rank's share of the global batch (None: equal); checked against the batch now
         self.shares = list(cfg.dp_shares) if cfg.dp_shares else None
+        self.planned_shares = self.shares  # by original rank: what survivors keep after a loss
         rank_slice(cfg.batch_size, rank, self.world, self.shares)
 
     def train_step(self, it: int, ids: torch.Tensor, labels: torch.Tensor) -> StepResult:
@@ -80,16 +81,13 @@ class DataParallel(Trainer):
     def checkpoint_params(self) -> dict[str, torch.nn.Parameter]:
         return dict(self.module.named_parameters())
 
-    def regroup(self, group, rank: int, world: int) -> None:
+    def regroup(self, group, rank: int, world: int, members=None) -> None:
         """Continue as replica ``rank`` of ``world`` in ``group`` (a device left): the same
         module and optimizer under a new DDP; gradients in flight are dropped (the loop
-        repeats the iterations since the last sync)."""
+        repeats the iterations since the last sync).  ``members``: the original ranks
+        that go on, whose planned batch shares they keep (:func:`survivor_shares`)."""
         self.opt.zero_grad(set_to_none=True)
-        if self.shares is not None and len(self.shares) != world:
-            # Devices only leave: a smaller world no longer matches the planned shares
-            # (whose device is gone, and the survivors' speeds were planned for another
-            # split), so the survivors fall back to equal shares.
-            self.shares = None
+        self.shares = survivor_shares(self.planned_shares, members, self.cfg.batch_size)
         self.rank, self.world = rank, world
         self.role = f"replica {rank}"
         dev = self.device
