@@ -323,7 +323,12 @@ class Launcher:
                                 self._judge(tasks[o])
                     if verdict != "done":
                         # one device failing ends the run (unless DP regrouped above): the
-                        # others would block in their next collective until the timeout
+                        # others would block in their next collective until the timeout.
+                        # A peer that failed because a device ran out of memory (its
+                        # connection to it broke) is judged first at times: the out-of-
+                        # memory is the run's outcome, not its consequence.
+                        if verdict == "failed" and any(d.status == "oom" for d in self.state.devices.values()):
+                            return "oom"
                         return verdict
             return outcome
         finally:
