@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from app.boards import host_cpus
 from app.devices.inventory import Device, Inventory
-from app.devices.profile import ProfileCache, load_cached_profiles
+from app.devices.profile import ProfileCache, is_stale, load_cached_profiles
 from app.planner.costmodel import DeviceSpec
 from app.planner.inputs import specs_for_devices
 from app.planner.links import Links
@@ -30,8 +30,8 @@ def device_specs(devices: Sequence[Device], all_devices: Sequence[Device] | None
     profiles = load_cached_profiles([d.name for d in devices]) if use_cache else {}
     # a profile measured at another address is another machine's (two testbeds both name
     # their devices dev0, dev1, ...): such a device is planned from its preset instead
-    at = {d.name: (d.host, d.port) for d in devices}
-    profiles = {n: p for n, p in profiles.items() if (p.host, p.port) == at[n]}
+    by_name = {d.name: d for d in devices}
+    profiles = {n: p for n, p in profiles.items() if not is_stale(p, by_name[n], None)}
     pairs = ProfileCache().load_links() if use_cache else {}
     return specs_for_devices(devices, all_devices, profiles=profiles, link_pairs=pairs, n_cpus=host_cpus(),
                              gflops_per_thread=gflops_per_thread)
