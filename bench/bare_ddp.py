@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -50,13 +51,13 @@ def main() -> None:
     ddp = DDP(model)
     opt = torch.optim.AdamW(ddp.parameters(), lr=args.lr, weight_decay=0.0)
     per = args.batch_size // world
-    times, cpus = [], []
+    times, cpus, faults = [], [], []
     last = None
     for it in range(args.steps):
         ids, labels = global_batch(data, it, args.batch_size, 0)
         x, y = ids[rank * per:(rank + 1) * per], labels[rank * per:(rank + 1) * per]
         sync = (it + 1) % args.sync_every == 0
-        c0 = time.process_time()
+        c0, f0 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         with contextlib.nullcontext() if sync else ddp.no_sync():
             loss = F.cross_entropy(ddp(x).float(), y)
             loss.backward()
@@ -66,6 +67,7 @@ def main() -> None:
         # the period from one step's end to the next one's, as EdgeTrain's period_s
         now = time.perf_counter()
         cpus.append(time.process_time() - c0)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         if last is not None:
             times.append(now - last)
         last = now
@@ -74,6 +76,7 @@ def main() -> None:
         steady = times[1:] or times   # periods from the second step's end on
         print(json.dumps({"median_step_s": statistics.median(steady), "steps_s": steady,
                           "median_step_cpu_s": statistics.median(cpus[2:] or cpus),
+                          "faults_per_step": statistics.median(faults[2:] or faults),
                           "samples_per_s": args.batch_size / statistics.median(steady)}), flush=True)
     dist.destroy_process_group()
 

@@ -39,6 +39,14 @@ from workers.config import RunSettings  # noqa: E402
 from workers.dist import free_port  # noqa: E402
 
 
+def minor_faults(pid: int) -> int | None:
+    """Minor page faults of process ``pid`` so far (``/proc/<pid>/stat``, field 10)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def bare(args: argparse.Namespace) -> float:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.devices}",
@@ -49,7 +57,8 @@ def bare(args: argparse.Namespace) -> float:
     if out.returncode != 0 or line is None:
         raise RuntimeError(f"bare DDP failed: {out.stderr[-2000:]}")
     got = json.loads(line)
-    print(f"      bare rank 0: step CPU {got['median_step_cpu_s']:.4f} s", flush=True)
+    print(f"      bare rank 0: step CPU {got['median_step_cpu_s']:.4f} s, "
+          f"{got['faults_per_step']:.0f} page faults per step", flush=True)
     return float(got["median_step_s"])
 
 
@@ -61,10 +70,15 @@ async def edgetrain(tb: Testbed, work: Path, args: argparse.Namespace) -> float:
     # the controller's CPU while the devices train (after the steps the figures skip), apart
     # from its start-up: step records mark the window
     window: list[float] = []
+    faults: dict[str, list[int]] = {}
 
     def mark(rec: dict) -> None:
         if rec.get("type") == "step" and rec.get("step") in (1, args.steps - 1):
             window.append(time.process_time())
+            # the worker's minor page faults (a local testbed: its /proc is this host's)
+            pid = state.devices[rec["device"]].pid
+            if pid:
+                faults.setdefault(rec["device"], []).append(minor_faults(pid))
 
     state.record.connect(mark)
     c0 = time.process_time()
@@ -82,8 +96,10 @@ async def edgetrain(tb: Testbed, work: Path, args: argparse.Namespace) -> float:
     for d in state.devices.values():
         between = [p - lat * args.batch_size for p, lat in zip(d.periods[2:], d.latencies[2:]) if p is not None]
         cpu = [c for c in d.cpu_times[2:] if c is not None]
+        f = faults.get(d.name, [])
+        per_step = f"{(f[-1] - f[0]) / (args.steps - 2):.0f}" if len(f) >= 2 and None not in f else "?"
         print(f"      {d.name}: period {periods[d.name]:.4f} s, between steps {statistics.median(between) * 1e3:.2f} ms, "
-              f"step CPU {statistics.median(cpu):.4f} s", flush=True)
+              f"step CPU {statistics.median(cpu):.4f} s, {per_step} page faults per step", flush=True)
     steady = (window[-1] - window[1]) / (args.steps - 2) if len(window) >= 4 else float("nan")
     print(f"      controller + testbed SSH: {steady * 1e3:.1f} ms CPU per step while training "
           f"({ctl_cpu:.2f} s over the whole run, start-up included)", flush=True)
