@@ -97,6 +97,9 @@ def child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     import torch.nn.functional as F
 
+    from workers.memory import steady_heap
+    steady_heap()  # as a worker without an address-space cap (workers/train.py)
+
     from workers import dist as edist
     from workers import engine
     from workers.config import JobConfig
