@@ -2,7 +2,7 @@
 
 Builds ``--model`` (``workers.models``), gives every parameter a random gradient and times
 ``opt.step()`` in CPU seconds on one thread, with the minor page faults each step takes
-(``getrusage``), after the worker's allocator settings (``workers.memory.steady_heap``).
+(``getrusage``), after the worker's allocator settings (``workers.memory.tune_allocator``).
 The default (foreach) AdamW makes temporaries the size of each parameter; those above
 glibc's largest mmap threshold (32 MiB: gpt2-s's token embedding) are mapped afresh every
 step.  Alternates the two ``--reps`` times, each on a freshly built model.
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from workers.memory import steady_heap  # noqa: E402
+from workers.memory import tune_allocator  # noqa: E402
 
 
 def measure(model_name: str, fused: bool, steps: int) -> tuple[list[float], list[int]]:
@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--reps", type=int, default=2)
     args = ap.parse_args()
-    steady_heap()
+    tune_allocator()
     import torch
     torch.set_num_threads(1)
     for rep in range(args.reps):

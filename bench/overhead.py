@@ -99,7 +99,8 @@ async def edgetrain(tb: Testbed, work: Path, args: argparse.Namespace) -> float:
         f = faults.get(d.name, [])
         per_step = f"{(f[-1] - f[0]) / (args.steps - 2):.0f}" if len(f) >= 2 and None not in f else "?"
         print(f"      {d.name}: period {periods[d.name]:.4f} s, between steps {statistics.median(between) * 1e3:.2f} ms, "
-              f"step CPU {statistics.median(cpu):.4f} s, {per_step} page faults per step", flush=True)
+              f"step CPU {statistics.median(cpu):.4f} s, {per_step} page faults per step, "
+              f"peak {d.peak_mem_bytes / 2**20:.0f} MiB", flush=True)
     steady = (window[-1] - window[1]) / (args.steps - 2) if len(window) >= 4 else float("nan")
     print(f"      controller + testbed SSH: {steady * 1e3:.1f} ms CPU per step while training "
           f"({ctl_cpu:.2f} s over the whole run, start-up included)", flush=True)

@@ -97,8 +97,8 @@ def child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     import torch.nn.functional as F
 
-    from workers.memory import steady_heap
-    steady_heap()  # as a worker without an address-space cap (workers/train.py)
+    from workers.memory import tune_allocator
+    tune_allocator()  # as a worker does (workers/train.py)
 
     from workers import dist as edist
     from workers import engine

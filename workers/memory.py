@@ -288,8 +288,8 @@ def steady_heap(mmap_threshold: int = STEADY_MMAP_THRESHOLD, trim_threshold: int
     script (``bench/overhead.py``).  Set at the ceilings glibc would reach by itself, steps
     fault nothing.  A step's peak does not grow (the next step reuses the kept blocks);
     between steps up to ``trim_threshold`` of free heap stays resident.  Call before the
-    first large allocation; :func:`unmap_large_frees` overrides it under an address-space
-    cap.  Returns whether both could be set (glibc only).
+    first large allocation; a worker calls it through :func:`tune_allocator`, which uses
+    :func:`unmap_large_frees` instead under an address-space cap.  Returns whether both could be set (glibc only).
 
     Parameters
     ----------
@@ -312,6 +312,16 @@ def unmap_large_frees(threshold: int = 1 << 20) -> bool:
     gives every large tensor back on free.  Returns whether it could be set.
     """
     return _mallopt(_M_MMAP_THRESHOLD, threshold)
+
+
+def tune_allocator() -> str:
+    """The worker's allocator settings, made before its first tensor: under an
+    address-space cap :func:`unmap_large_frees` (address space is what runs out), else
+    :func:`steady_heap` (steps reuse their freed memory).  Returns which was applied,
+    ``"none"`` where neither could be (not glibc)."""
+    if _address_space_capped():
+        return "unmap-large-frees" if unmap_large_frees() else "none"
+    return "steady-heap" if steady_heap() else "none"
 
 
 def apply_memory_limit(nbytes: int | None) -> None:

@@ -93,14 +93,10 @@ def _cap_cuda_memory(torch, device) -> None:
 def run(cfg, rank: int, emitter, run_flags=None) -> int:
     """Train per ``cfg`` as ``rank``; returns the exit code.  Imports torch lazily so
     the ``hello`` line goes out before the slow imports."""
-    from .memory import PeakTracker, is_oom_error, memory_limit_bytes, rss_bytes, steady_heap, unmap_large_frees
+    from .memory import PeakTracker, is_oom_error, memory_limit_bytes, rss_bytes, tune_allocator
 
     limit, limit_src = memory_limit_bytes()
-    import resource
-    if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:
-        unmap_large_frees()  # an address-space cap: freed tensors must give back address space
-    else:
-        steady_heap()  # before the first tensor: steps reuse their freed memory instead of re-faulting it
+    tune_allocator()  # before the first tensor
     if run_flags is None:
         from .loop import RunFlags
         run_flags = RunFlags()
