@@ -3,7 +3,10 @@
 Same model (``workers.models.build_model``), same global batches (``workers.data``),
 the same slice per rank, AdamW, gradients synchronised every ``--sync-every`` steps
 (``no_sync`` in between), one thread per rank; nothing else (no telemetry, no
-heartbeats, no checkpoints, no SSH).  Rank 0 prints one JSON line: the median and every
+heartbeats, no checkpoints, no SSH).  As a user would write it, with torch's and glibc's
+defaults (foreach AdamW, glibc's starting mmap threshold), or with ``--tuned`` with the two
+settings an EdgeTrain worker makes (fused AdamW, ``workers.memory.tune_allocator``), so
+that what is left between the two is the framework's own cost.  Rank 0 prints one JSON line: the median and every
 step's period (end to end) after the first two.  Used by ``bench/overhead.py``:
 
     torchrun --nproc-per-node 2 bench/bare_ddp.py --model gpt2-s --batch-size 32 --steps 6
@@ -40,7 +43,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--sync-every", type=int, default=1)
     ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--tuned", action="store_true", help="fused AdamW and the worker's allocator settings")
     args = ap.parse_args()
+    if args.tuned:
+        from workers.memory import tune_allocator
+        tune_allocator()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -49,7 +56,7 @@ def main() -> None:
     data, _ = load_dataset(None, model.family, model.preset.vocab_size, args.seq_len, 0)
     data = split_eval(data, 0)[0]
     ddp = DDP(model)
-    opt = torch.optim.AdamW(ddp.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=args.lr, weight_decay=0.0, fused=args.tuned or None)
     per = args.batch_size // world
     times, cpus, faults = [], [], []
     last = None

@@ -5,9 +5,12 @@ Builds ``--model`` (``workers.models``), gives every parameter a random gradient
 (``getrusage``), after the worker's allocator settings (``workers.memory.tune_allocator``).
 The default (foreach) AdamW makes temporaries the size of each parameter; those above
 glibc's largest mmap threshold (32 MiB: gpt2-s's token embedding) are mapped afresh every
-step.  Alternates the two ``--reps`` times, each on a freshly built model.
+step.  The worker uses the fused one (``workers.engine.make_optimizer``); ``--all`` adds
+its SGD and Adafactor, whose times relative to AdamW the planner uses
+(``app/planner/knobs.py: OPT_TIME_PER_PARAM``).  Alternates them ``--reps`` times, each on
+a freshly built model.
 
-    .venv/bin/python bench/optimizer_step.py [--model gpt2-s] [--steps 4] [--reps 2]
+    .venv/bin/python bench/optimizer_step.py [--model gpt2-s] [--steps 4] [--reps 2] [--all]
 """
 from __future__ import annotations
 
@@ -24,14 +27,24 @@ sys.path.insert(0, str(ROOT))
 from workers.memory import tune_allocator  # noqa: E402
 
 
-def measure(model_name: str, fused: bool, steps: int) -> tuple[list[float], list[int]]:
+def measure(model_name: str, kind: str, steps: int) -> tuple[list[float], list[int]]:
+    """CPU seconds and page faults of each step after the first; ``kind``: ``default``
+    (torch's AdamW as a user writes it) or one of the worker's optimizers (``adamw``, which
+    is the fused one, ``sgd``, ``adafactor``: ``workers.engine.make_optimizer``)."""
     import torch
 
+    from workers.config import JobConfig
+    from workers.engine import make_optimizer
     from workers.models import build_model
     model = build_model(model_name, seed=0)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.0, fused=fused or None)
+    if kind == "default":
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.0)
+    else:
+        cfg = JobConfig(run_id="opt", world_size=1, master_addr="127.0.0.1", master_port=0, addrs=["127.0.0.1"],
+                        devices=["d0"], model=model_name, optimizer=kind, lr=5e-5)
+        opt = make_optimizer(model.parameters(), cfg)
     opt.step()  # the first step creates the moments
     secs, faults = [], []
     for _ in range(steps):
@@ -47,14 +60,17 @@ def main() -> None:
     ap.add_argument("--model", default="gpt2-s")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--all", action="store_true", help="also the worker's SGD and Adafactor")
     args = ap.parse_args()
     tune_allocator()
     import torch
     torch.set_num_threads(1)
+    kinds = ["default", "adamw"] + (["sgd", "adafactor"] if args.all else [])
     for rep in range(args.reps):
-        for fused in (False, True):
-            secs, faults = measure(args.model, fused, args.steps)
-            print(f"rep {rep + 1} {'fused' if fused else 'default':<8} AdamW step: median "
+        for kind in kinds:
+            secs, faults = measure(args.model, kind, args.steps)
+            label = {"default": "default AdamW", "adamw": "fused AdamW"}.get(kind, kind)
+            print(f"rep {rep + 1} {label:<13} step: median "
                   f"{statistics.median(secs):.3f} s CPU (min {min(secs):.3f}, max {max(secs):.3f}), "
                   f"page faults per step {statistics.median(faults):.0f}", flush=True)
 

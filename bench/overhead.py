@@ -3,7 +3,11 @@
 Alternates, ``--reps`` times each:
 
 * **bare**: ``torchrun --nproc-per-node N bench/bare_ddp.py`` (DDP, same model, same global
-  batches and slices, AdamW, sync every ``--sync-every`` steps, one thread per rank);
+  batches and slices, AdamW, sync every ``--sync-every`` steps, one thread per rank), as a
+  user writes it (torch's default AdamW, glibc's defaults);
+* **bare tuned** (``--tuned``): the same with the two settings an EdgeTrain worker makes
+  (fused AdamW, the worker's allocator thresholds), so that the ratio against it is the
+  framework's own cost (``--no-tuned`` leaves it out);
 * **EdgeTrain**: the ``edgetrain run`` path (``prepare_run`` + ``Launcher.run``) on a local
   testbed of N uncapped devices (no cgroups: the bare processes have none either), one
   thread each, over real SSH, with telemetry, heartbeats and the rendezvous gate, no
@@ -12,9 +16,9 @@ Alternates, ``--reps`` times each:
 Each run's figure is the median step period after the first step: from one step's end to
 the next one's, so whatever a loop does between steps counts (EdgeTrain: the slowest
 rank's ``period_s`` telemetry; bare: rank 0's, whose ranks meet at every sync).  Prints
-each run, the medians and spreads, and last the EdgeTrain/bare throughput ratio.
+each run, the medians and spreads, and last the EdgeTrain/bare throughput ratios.
 
-    .venv/bin/python bench/overhead.py [--model gpt2-s] [--batch-size 32] [--steps 6] [--reps 3]
+    .venv/bin/python bench/overhead.py [--model gpt2-s] [--batch-size 32] [--steps 6] [--reps 3] [--no-tuned]
 """
 from __future__ import annotations
 
@@ -47,11 +51,12 @@ def minor_faults(pid: int) -> int | None:
         return None
 
 
-def bare(args: argparse.Namespace) -> float:
+def bare(args: argparse.Namespace, tuned: bool) -> float:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.devices}",
            f"--master-port={free_port()}", str(ROOT / "bench" / "bare_ddp.py"), "--model", args.model,
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--sync-every", str(args.sync_every)]
+    cmd += ["--tuned"] if tuned else []
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("{")), None)
     if out.returncode != 0 or line is None:
@@ -108,15 +113,16 @@ async def edgetrain(tb: Testbed, work: Path, args: argparse.Namespace) -> float:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    got: dict[str, list[float]] = {"bare": [], "edgetrain": []}
+    names = ["bare", "bare-tuned", "edgetrain"] if args.tuned else ["bare", "edgetrain"]
+    got: dict[str, list[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         async with Testbed(Path(tmp) / "tb", n_devices=args.devices, port=0, base_addr="127.0.38.1",
                            threads=1, cgroups=False) as tb:
             for rep in range(args.reps):
                 # alternate which goes first, so a drift in the host's load hits both alike
-                order = ("bare", "edgetrain") if rep % 2 == 0 else ("edgetrain", "bare")
+                order = names if rep % 2 == 0 else names[::-1]
                 for name in order:
-                    t = bare(args) if name == "bare" else await edgetrain(tb, Path(tmp), args)
+                    t = await edgetrain(tb, Path(tmp), args) if name == "edgetrain" else bare(args, name == "bare-tuned")
                     got[name].append(t)
                     print(f"  rep {rep + 1} {name:<9} {t:8.3f} s/step  {args.batch_size / t:7.2f} samples/s", flush=True)
     print(f"\n{args.model}, {args.devices} devices x 1 thread, batch {args.batch_size} x 32, sync every "
@@ -124,8 +130,10 @@ async def main_async(args: argparse.Namespace) -> None:
     med = {}
     for name, ts in got.items():
         med[name] = statistics.median(ts)
-        print(f"{name:<10} median {med[name]:.3f} s/step  (min {min(ts):.3f}, max {max(ts):.3f}; "
+        print(f"{name:<11} median {med[name]:.3f} s/step  (min {min(ts):.3f}, max {max(ts):.3f}; "
               f"spread {100 * (max(ts) - min(ts)) / med[name]:.0f}%)")
+    if args.tuned:
+        print(f"EdgeTrain/bare tuned throughput (the framework's own cost): {med['bare-tuned'] / med['edgetrain']:.3f}")
     print(f"EdgeTrain/bare throughput: {med['bare'] / med['edgetrain']:.3f}")
 
 
@@ -137,6 +145,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--sync-every", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--tuned", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run bare DDP with EdgeTrain's fused AdamW and allocator settings")
     asyncio.run(main_async(ap.parse_args()))
 
 

@@ -47,7 +47,10 @@ def _check_run(cfg, family: str, width: int) -> list[dict]:
         # a missing or doubled all-reduce) from the parameter check below.
         assert_grads_match(ref_grads, [r["grads0"]])
         rest, keys = _split_key_biases(r["state"], family, width)
-        assert_matches(ref_rest, [rest], rtol=1e-4)
+        # atol lr / 50: the same amplified rounding noise reaches entries whose summed
+        # gradient nearly cancels (a tied gpt2 embedding row: 0.86e-5 with foreach AdamW,
+        # 1.08e-5 with fused, over 3 steps); a wrong shard or reduction is off by ~lr.
+        assert_matches(ref_rest, [rest], rtol=1e-4, atol=cfg.lr / 50)
         assert_matches(ref_keys, [keys], rtol=1e-4, atol=cfg.lr / 10)
         assert r["losses"] == pytest.approx(ref_losses, rel=1e-5)
     # Replicas of every parameter (replicated ones held locally, sharded ones gathered)

@@ -72,7 +72,10 @@ class Calibration:
         DTensor dispatch per tensor-parallel linear per step (forward + backward),
         from the quiet-host accuracy runs of the tiny presets (``bench/RESULTS.md``).
     opt_s_per_param, opt_s_per_tensor
-        Single-tensor AdamW on CPU (memory bound): per parameter and per tensor.
+        Fused AdamW on CPU (memory bound): per parameter and per tensor.  Scaled from the
+        foreach AdamW's constants by the two fits on one host the same day
+        (``bench/data/plan_calibration_2026-12-03c.json``: 4.71e-9 and 4.63e-5 s,
+        ``...-03d.json`` fused: 1.36e-9 and 2.68e-5 s, both at 121 GFLOP/s).
     ref_core_gflops
         Per-thread matmul rate of the calibration host; fixed costs scale by it.
     runtime_rss_bytes
@@ -95,8 +98,6 @@ class Calibration:
         Peak activation RSS / saved activations, per family: backward's gradient
         temporaries and freed-but-retained heap (glibc keeps small frees) on top of
         what autograd saves.
-    opt_tmp_factor
-        AdamW temporaries, in units of the largest parameter tensor.
     virtual_base_bytes, virtual_per_thread_bytes
         Virtual size minus RSS once training runs: ``base + per_thread * threads``
         (1 thread: 580 MB, 2 threads: 712 MB, over 17 configurations within 10 MB).
@@ -118,15 +119,14 @@ class Calibration:
     step_s: float = 4.4e-4
     embed_grad_s_per_byte: float = 6.5e-10
     tp_module_s: float = 2.0e-3
-    opt_s_per_param: float = 4.1e-9
-    opt_s_per_tensor: float = 3.2e-5
+    opt_s_per_param: float = 1.18e-9
+    opt_s_per_tensor: float = 1.85e-5
     ref_core_gflops: float = 200.0
     runtime_rss_bytes: int = 340 * MIB
     runtime_file_bytes: int = 96 * MIB
     rss_per_peer_bytes: int = 0
     first_step_rss_bytes: int = 30 * MIB
     act_factor: Mapping[str, float] = field(default_factory=lambda: {"gpt2": 1.9, "bert": 1.6, "opt": 1.8})
-    opt_tmp_factor: float = 2.0
     virtual_base_bytes: int = 448 * MIB
     virtual_per_thread_bytes: int = 132 * MIB
     virtual_load_base_bytes: int = 418 * MIB
@@ -408,8 +408,7 @@ def rank_cost(load: RankLoad, spec: DeviceSpec, cal: Calibration = CALIBRATION) 
     base = cal.runtime_rss_bytes + cal.rss_per_peer_bytes * load.peers
     run = base + cal.first_step_rss_bytes
     act = cal.act_factor.get(load.family, 1.8) * load.saved_act_bytes
-    tmp_factor = knobs.OPT_TMP_PER_TENSOR[opt]
-    opt_tmp = (cal.opt_tmp_factor if tmp_factor is None else tmp_factor) * 4.0 * load.largest_tensor
+    opt_tmp = knobs.OPT_TMP_PER_TENSOR[opt] * 4.0 * load.largest_tensor
     rss = {
         # DDP's constructor broadcasts the parameters through a flat copy
         "load": base + max(w, 4.0 * load.load_params) + (w if load.ddp else 0.0),

@@ -37,18 +37,22 @@ PRECISIONS = ("fp32", "bf16")
 #: Optimizer state in fp32 elements per parameter (Adafactor's is counted per tensor by
 #: :func:`adafactor_state_elems`; 1.0 here is its worst case: only 1-D parameters).
 STATE_PER_PARAM = {"adamw": 2.0, "sgd": 1.0, "adafactor": 1.0}
-#: Temporaries of one optimizer step, in units of the largest parameter tensor.  AdamW's
-#: 2.0 is the calibrated ``Calibration.opt_tmp_factor``; SGD with momentum updates its
-#: buffer and the parameter in place (``buf.mul_().add_()``, ``param.add_()``): none;
-#: Adafactor materialises ``row_var @ col_var`` (one full-size tensor) and updates it in
-#: place (``clamp_().rsqrt_().mul_(grad)``): one.  Read from torch 2.13's single-tensor
-#: implementations (CPU uses them: foreach is CUDA-only by default); not measured.
-OPT_TMP_PER_TENSOR = {"adamw": None, "sgd": 0.0, "adafactor": 1.0}
-#: Optimizer step time relative to the calibrated AdamW (per parameter, per tensor).
-#: Estimates from memory passes per element (AdamW ~11, SGD with momentum ~5, Adafactor
-#: ~12 plus three ``.item()`` synchronisations per tensor); not calibrated.
-OPT_TIME_PER_PARAM = {"adamw": 1.0, "sgd": 0.45, "adafactor": 1.1}
-OPT_TIME_PER_TENSOR = {"adamw": 1.0, "sgd": 0.5, "adafactor": 1.5}
+#: Temporaries of one optimizer step, in units of the largest parameter tensor.  AdamW and
+#: SGD are torch's fused ones (``workers.engine.make_optimizer``): one in-place pass per
+#: tensor, none (measured for AdamW: the optimizer phase's peak RSS no higher than
+#: backward's, gpt2-s and distilbert, ``bench/data/plan_calibration_2026-12-03d.json``; the
+#: foreach AdamW it replaced made two largest-tensor temporaries).  Adafactor materialises
+#: ``row_var @ col_var`` (one full-size tensor) and updates it in place
+#: (``clamp_().rsqrt_().mul_(grad)``): one, read from torch 2.13's single-tensor
+#: implementation; not measured.
+OPT_TMP_PER_TENSOR = {"adamw": 0.0, "sgd": 0.0, "adafactor": 1.0}
+#: Optimizer step time relative to the calibrated (fused) AdamW, per parameter and per
+#: tensor: ``bench/optimizer_step.py --all`` (one thread, CPU time) on gpt2-s (fused AdamW
+#: 0.167 s, fused SGD 0.129 s, Adafactor 1.79 s: its factored statistics and three
+#: ``.item()`` synchronisations per tensor) and on tiny-gpt2 for the per-tensor share
+#: (1, 1 and 7 ms).
+OPT_TIME_PER_PARAM = {"adamw": 1.0, "sgd": 0.78, "adafactor": 10.7}
+OPT_TIME_PER_TENSOR = {"adamw": 1.0, "sgd": 1.0, "adafactor": 7.0}
 #: Activation checkpointing re-runs each block's forward in backward: forward is one of
 #: the three FLOP units of forward + backward (backward computes input and weight
 #: gradients), so the blocks' FLOPs and their element-wise work grow by a third.
