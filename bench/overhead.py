@@ -16,7 +16,8 @@ Alternates, ``--reps`` times each:
 Each run's figure is the median step period after the first step: from one step's end to
 the next one's, so whatever a loop does between steps counts (EdgeTrain: the slowest
 rank's ``period_s`` telemetry; bare: rank 0's, whose ranks meet at every sync).  Prints
-each run, the medians and spreads, and last the EdgeTrain/bare throughput ratios.
+each run, the medians and spreads, the ratio within each rep (runs minutes apart: less
+exposed to the host's drift), and last the EdgeTrain/bare throughput ratios.
 
     .venv/bin/python bench/overhead.py [--model gpt2-s] [--batch-size 32] [--steps 6] [--reps 3] [--no-tuned]
 """
@@ -132,6 +133,12 @@ async def main_async(args: argparse.Namespace) -> None:
         med[name] = statistics.median(ts)
         print(f"{name:<11} median {med[name]:.3f} s/step  (min {min(ts):.3f}, max {max(ts):.3f}; "
               f"spread {100 * (max(ts) - min(ts)) / med[name]:.0f}%)")
+    # Each rep's runs follow one another within minutes, so the ratio within a rep is
+    # less exposed to the host's slow drift than the ratio of medians over all reps.
+    for name in names[:-1]:
+        pairs = [b / e for b, e in zip(got[name], got["edgetrain"])]
+        print(f"EdgeTrain/{name} within each rep: " + ", ".join(f"{r:.3f}" for r in pairs)
+              + f"; median {statistics.median(pairs):.3f}")
     if args.tuned:
         print(f"EdgeTrain/bare tuned throughput (the framework's own cost): {med['bare-tuned'] / med['edgetrain']:.3f}")
     print(f"EdgeTrain/bare throughput: {med['bare'] / med['edgetrain']:.3f}")
