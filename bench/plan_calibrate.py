@@ -203,6 +203,8 @@ def saved_floats() -> None:
 
 def embed_cost() -> None:
     """CPU time of half of gpt2-s with and without the embeddings, micro-batches of 8."""
+    from workers.memory import tune_allocator
+    tune_allocator()  # as a worker does (workers/train.py)
     import torch
 
     from workers.models import build_model

@@ -52,6 +52,13 @@ SENSOR_SOURCES = ("nvml", "ina3221", "rapl")
 class Calibration:
     """Constants of the cost model, measured on the calibration host.
 
+    The forward + backward terms (``matmul_efficiency``, ``act_s_per_byte``, ``step_s``,
+    ``embed_grad_s_per_byte``) are the 2026-11-23 fit, every time term then divided by
+    1.175: since the workers keep their heap (``workers.memory.tune_allocator``) the
+    one-rank steps of two later calibrations (``bench/data/plan_calibration_2026-12-03c``
+    and ``-03d.json``, 15 configurations each) measured a median 17 % and 18 % below
+    that fit's predictions, each at its own host's matmul rate.
+
     Attributes
     ----------
     matmul_efficiency
@@ -72,10 +79,9 @@ class Calibration:
         DTensor dispatch per tensor-parallel linear per step (forward + backward),
         from the quiet-host accuracy runs of the tiny presets (``bench/RESULTS.md``).
     opt_s_per_param, opt_s_per_tensor
-        Fused AdamW on CPU (memory bound): per parameter and per tensor.  Scaled from the
-        foreach AdamW's constants by the two fits on one host the same day
-        (``bench/data/plan_calibration_2026-12-03c.json``: 4.71e-9 and 4.63e-5 s,
-        ``...-03d.json`` fused: 1.36e-9 and 2.68e-5 s, both at 121 GFLOP/s).
+        Fused AdamW on CPU (memory bound): per parameter and per tensor, fit by
+        ``bench/plan_calibrate.py`` (``bench/data/plan_calibration_2026-12-03d.json``:
+        1.36e-9 and 2.68e-5 s at 121 GFLOP/s per thread, scaled to ``ref_core_gflops``).
     ref_core_gflops
         Per-thread matmul rate of the calibration host; fixed costs scale by it.
     runtime_rss_bytes
@@ -113,14 +119,14 @@ class Calibration:
         yet (estimate).
     """
 
-    matmul_efficiency: float = 0.845
-    act_s_per_byte: float = 7.7e-10
+    matmul_efficiency: float = 0.993
+    act_s_per_byte: float = 6.55e-10
     block_s: float = 0.0
-    step_s: float = 4.4e-4
-    embed_grad_s_per_byte: float = 6.5e-10
+    step_s: float = 3.75e-4
+    embed_grad_s_per_byte: float = 5.5e-10
     tp_module_s: float = 2.0e-3
-    opt_s_per_param: float = 1.18e-9
-    opt_s_per_tensor: float = 1.85e-5
+    opt_s_per_param: float = 8.2e-10
+    opt_s_per_tensor: float = 1.62e-5
     ref_core_gflops: float = 200.0
     runtime_rss_bytes: int = 340 * MIB
     runtime_file_bytes: int = 96 * MIB
