@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -388,6 +389,7 @@ def main() -> None:
     ap.add_argument("--timing", action="store_true", help="planner speed only")
     ap.add_argument("--base-addr", default="127.0.17.1")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--keep", action="store_true", help="keep the runs, their records and checkpoints")
     args = ap.parse_args()
     if args.timing:
         timing()
@@ -401,7 +403,11 @@ def main() -> None:
         results = accuracy(args, work)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
-    print(f"runs and records: {work}")
+    if args.keep:
+        print(f"runs and records: {work}")
+    else:
+        # the runs' checkpoints and exported models take GBs (15 GB for the default set)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -152,6 +153,8 @@ def main() -> int:
     finally:
         cli(home, "testbed", "down", "--dir", str(tb))
         cli(home, "testbed", "down", "--dir", str(gui_tb))
+        # every round leaves its runs' checkpoints (a gpt2-s one is ~1.4 GiB): ~10 GB a bench
+        shutil.rmtree(home, ignore_errors=True)
     print(f"\ndemo: tiny-gpt2 dp (its defaults); run: {args.run_args} on {args.devices} testbed devices; "
           f"gui: {args.gui_args} on the {args.gui_preset} preset")
     worst = max(abs(m - p) / p for _, _, p, m in rows)
