@@ -11,7 +11,9 @@ presses Compare and grabs the comparison window.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -34,6 +36,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for each run")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="edgetrain-shot-"))
+    atexit.register(shutil.rmtree, home, True)  # the runs it shows leave checkpoints (GBs)
     os.environ["EDGETRAIN_HOME"] = str(home)
 
     from workers.config import RunSettings

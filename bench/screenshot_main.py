@@ -20,9 +20,11 @@ With ``--empty``: no testbed, no inventory: the first run's empty devices panel
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -113,6 +115,7 @@ def main() -> int:
     ap.add_argument("--empty", action="store_true", help="no testbed, no devices: the first run's window")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="edgetrain-shot-"))
+    atexit.register(shutil.rmtree, home, True)  # the runs it shows leave checkpoints (GBs)
     os.environ["EDGETRAIN_HOME"] = str(home)
     if args.empty:
         return shoot_empty(Path(args.out), home)

@@ -13,6 +13,7 @@ the last cell, and grabs the Study window.  ``--figure`` also copies the study's
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import shutil
 import sys
@@ -40,6 +41,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the study")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="edgetrain-shot-"))
+    atexit.register(shutil.rmtree, home, True)  # the runs it shows leave checkpoints (GBs)
     os.environ["EDGETRAIN_HOME"] = str(home)
 
     presets = [p for p in args.presets.split(",") if p]
