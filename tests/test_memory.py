@@ -246,7 +246,11 @@ from workers.data import global_batch, load_dataset
 from workers.models import build_model
 m = build_model("tiny-gpt2", seed=0)
 data, _ = load_dataset(None, m.family, m.preset.vocab_size, 32, 0)
-opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)  # the worker's (workers.engine.make_optimizer)
+from workers.config import JobConfig
+from workers.engine import make_optimizer
+cfg = JobConfig(run_id="t", world_size=1, master_addr="127.0.0.1", master_port=0, addrs=["127.0.0.1"],
+                devices=["d0"], model="tiny-gpt2", lr=1e-4)
+opt = make_optimizer(m.parameters(), cfg)  # the worker's AdamW
 faults = []
 for it in range(12):
     ids, labels = global_batch(data, it, 64, 0)
