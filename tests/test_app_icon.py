@@ -22,6 +22,10 @@ def _render_module():
     return mod
 
 
+def _argb(image, QImage) -> bytes:
+    return bytes(image.convertToFormat(QImage.Format.Format_ARGB32).constBits())
+
+
 def test_committed_pngs_are_renderings_of_the_svg(qapp, tmp_path):
     from PySide6.QtGui import QImage
 
@@ -31,9 +35,16 @@ def test_committed_pngs_are_renderings_of_the_svg(qapp, tmp_path):
         render.render(ROOT / "assets" / "edgetrain.svg", size, out)
         fresh, committed = QImage(str(out)), QImage(str(ROOT / "assets" / f"edgetrain-{size}.png"))
         assert committed.width() == committed.height() == size
-        # re-run packaging/render_icon.py after editing the SVG
-        assert fresh.convertToFormat(QImage.Format.Format_ARGB32) == committed.convertToFormat(
-            QImage.Format.Format_ARGB32), f"assets/edgetrain-{size}.png is stale"
+        # re-run packaging/render_icon.py after editing the SVG.  Qt's rasteriser picks its
+        # SIMD path by CPU, and antialiased edges round by one level differently on another
+        # host (seen: 11 pixels of 65536 off by 1 on an AMD EPYC against the Intel host that
+        # rendered them); an edit to the SVG moves whole shapes, far beyond that.
+        a = _argb(fresh, QImage)
+        b = _argb(committed, QImage)
+        worst = max(abs(x - y) for x, y in zip(a, b))
+        changed = sum(x != y for x, y in zip(a, b))
+        assert worst <= 2 and changed <= size * size // 100, \
+            f"assets/edgetrain-{size}.png is stale ({changed} channel values differ, by up to {worst})"
         # not a blank tile: the corner is transparent, the middle drawn
         assert committed.pixelColor(0, 0).alpha() == 0 and committed.pixelColor(size // 2, size // 2).alpha() == 255
 
