@@ -14,6 +14,7 @@ Usage::
     .venv/bin/python bench/plan_calibrate.py --saved    # saved-activation floats per token
     .venv/bin/python bench/plan_calibrate.py --overhead # RSS/virtual of a bare worker runtime
     .venv/bin/python bench/plan_calibrate.py --embed    # cost of the dense embedding gradient
+    .venv/bin/python bench/plan_calibrate.py --pipeline # per-message cost of a pipeline (p2p_s)
 
 The time fit uses one-thread runs and *CPU* time (``time.process_time``): torch runs its
 ops on the calling thread then, so the figure is the work's own cost even when other
@@ -29,6 +30,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,6 +120,10 @@ def child(spec: dict) -> dict:
     # On one thread, CPU time is what the work costs; wall time also counts the time
     # slices other processes on a shared host took (the calibration host is shared).
     gflops_cpu = max(matmul_gflops(torch, 0.3, time.process_time) for _ in range(3))
+    # what a profile measures of the non-matmul work (workers.compute_probe.op_seconds): the
+    # fit's fixed terms are at this figure, which the planner scales devices' by
+    from workers.compute_probe import op_seconds
+    op_probe_s = min(op_seconds(0.3) for _ in range(3))
     preset = replace(PRESETS[spec["preset"]], **spec["overrides"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -153,8 +159,121 @@ def child(spec: dict) -> dict:
         timed("bwd", loss.backward)
         timed("opt", opt_step)
     marks["end"] = _status()
-    return {"spec": spec, "gflops": gflops, "gflops_cpu": gflops_cpu, "marks": marks, "times": phases, "cpu": cpu, "hwm": hwm, "vm": vm,
+    return {"spec": spec, "gflops": gflops, "gflops_cpu": gflops_cpu, "op_probe_s": op_probe_s, "marks": marks, "times": phases, "cpu": cpu, "hwm": hwm, "vm": vm,
             "params": sum(p.numel() for p in model.parameters())}
+
+
+def pipeline_child(spec: dict) -> dict:
+    """Rank ``spec["rank"]`` of a 2-stage pipeline (the worker's PP trainer, gloo): CPU and
+    wall seconds of each step."""
+    import torch
+    torch.set_num_threads(1)
+
+    from workers.memory import tune_allocator
+    tune_allocator()
+
+    from workers import dist as edist
+    from workers import engine
+    from workers.compute_probe import op_seconds
+    from workers.config import JobConfig
+    from workers.data import global_batch, load_dataset
+    from workers.models import build_model
+    from workers.parallel.pp import model_parts
+
+    rank, port = spec["rank"], spec["port"]
+    cut = spec["cut"]
+    cfg = JobConfig(run_id="cal", world_size=2, master_addr="127.0.0.1", master_port=port,
+                    addrs=["127.0.0.1"] * 2, devices=["d0", "d1"], model=spec["preset"], parallelism="pp",
+                    batch_size=spec["batch"], seq_len=spec["seq"], steps=spec["steps"],
+                    micro_batches=spec["micro_batches"], schedule=spec["schedule"],
+                    stages=[{"ranks": [0], "layers": [0, cut]}, {"ranks": [1], "layers": [cut, spec["n_layer"]]}])
+    op_probe_s = min(op_seconds(0.3) for _ in range(3))
+    dev = edist.init(rank, 2, "127.0.0.1", port, "127.0.0.1")
+    model = build_model(spec["preset"], parts=model_parts(cfg, rank))
+    model.train()
+    trainer = engine.build(cfg, rank, model, dev)
+    data, _ = load_dataset(None, model.family, model.preset.vocab_size, spec["seq"], 0)
+    cpu, wall = [], []
+    for it in range(spec["steps"]):
+        ids, labels = global_batch(data, it, spec["batch"], 0)
+        t0, c0 = time.perf_counter(), time.process_time()
+        trainer.train_step(it, ids, labels)
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - t0)
+    return {"spec": spec, "cpu": cpu, "wall": wall, "op_probe_s": op_probe_s}
+
+
+def pipeline_calibration(micro_batches=(1, 2, 4, 8, 16), preset: str = "tiny-gpt2", batch: int = 128) -> None:
+    """Fit ``Calibration.p2p_s``: the CPU a stage spends per boundary message beyond its
+    compute (gloo send/recv, the schedule's bookkeeping per action), from 2-stage runs of
+    the worker's PP trainer with 1 to 16 micro-batches of the same batch.
+
+    Each stage's median CPU seconds per step (after the first) is set against the cost
+    model's compute + optimizer for that stage at the stage's own op probe and this
+    host's matmul rate; the residual, per micro-batch and message, is the fit.  Every
+    stage sends one message and receives one per micro-batch and direction pair
+    (forward activations one way, gradients back).
+    """
+    import numpy as np
+
+    from app.planner import costmodel as cm
+    from app.planner.links import Links
+    from app.planner.pipeline import eval_pipeline
+    from workers.config import RunSettings
+    from workers.presets import PRESETS as P
+
+    n_layer = P[preset].n_layer
+    cut = n_layer // 2
+    import torch
+    torch.set_num_threads(1)
+    g1 = max(matmul_gflops(torch, 0.3, time.process_time) for _ in range(3))
+    xs, ys = [], []
+    print(f"{preset} b{batch}, 2 stages [0,{cut}) [{cut},{n_layer}), gpipe, 1 thread each; host {g1:.0f} GFLOP/s")
+    print(f"{'M':>3} {'stage':>5} {'cpu ms':>8} {'wall ms':>8} {'model ms':>9} {'resid/mb ms':>11}")
+    for m in micro_batches:
+        port = free_port()
+        procs = []
+        for rank in (0, 1):
+            spec = dict(pipeline=True, rank=rank, port=port, preset=preset, batch=batch, seq=32, steps=8,
+                        micro_batches=m, schedule="gpipe", cut=cut, n_layer=n_layer)
+            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+            procs.append(subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)],
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
+        outs = []
+        for pr in procs:
+            out, err = pr.communicate(timeout=900)
+            if pr.returncode != 0:
+                raise RuntimeError(err[-3000:])
+            outs.append(json.loads(out.strip().splitlines()[-1]))
+        st = RunSettings(model=preset, parallelism="pp", batch_size=batch, seq_len=32, micro_batches=m)
+        for rank, r in enumerate(outs):
+            spec = cm.DeviceSpec(f"d{rank}", gflops=g1, mem_bytes=None, op_probe_s=r["op_probe_s"])
+            other = cm.DeviceSpec(f"d{1 - rank}", gflops=g1, mem_bytes=None, op_probe_s=r["op_probe_s"])
+            specs = [spec, other] if rank == 0 else [other, spec]
+            # the model without its per-message term: p2p_s 0, links instant
+            cal0 = replace(cm.CALIBRATION, p2p_s=0.0)
+            ev = eval_pipeline("pp", _shape(preset), st, specs, Links(default_mbps=1e9, default_rtt_ms=0.0),
+                               stages=[{"ranks": [0], "layers": [0, cut]}, {"ranks": [1], "layers": [cut, n_layer]}],
+                               cal=cal0)
+            d = ev.devices[rank]
+            model_s = d.compute_s + d.optimizer_s
+            cpu = float(np.median(r["cpu"][1:]))
+            wall = float(np.median(r["wall"][1:]))
+            # two messages per micro-batch per stage (one sent, one received)
+            xs.append(2 * m * cm.slowness(spec, cal0))
+            ys.append(cpu - model_s)
+            print(f"{m:>3} {rank:>5} {cpu * 1e3:8.1f} {wall * 1e3:8.1f} {model_s * 1e3:9.1f} "
+                  f"{(cpu - model_s) / m * 1e3:11.2f}", flush=True)
+    # residual = p2p_s x messages x slowness + a per-step constant (not the model's)
+    a = np.stack([np.array(xs), np.ones(len(xs))], axis=1)
+    (k, c), *_ = np.linalg.lstsq(a, np.array(ys), rcond=None)
+    print(f"fit: p2p_s {k:.3g} s per message at the reference op probe (per-step residual {c * 1e3:.1f} ms)")
+
+
+def _shape(preset: str):
+    from app.planner.shape import ModelShape
+    from workers.models import PRESETS
+    return ModelShape.from_preset(PRESETS[preset])
 
 
 def run_child(spec: dict) -> dict:
@@ -287,7 +406,12 @@ def fit(results: list[dict]) -> None:
     from workers.models import PRESETS
 
     rows, ys, orows, oys, info = [], [], [], [], []
+    # the fixed terms scale by each run's op probe against the median (host drift between
+    # configurations); files from before the probe existed have none: scale 1
+    probes = [r["op_probe_s"] for r in results if r.get("op_probe_s")]
+    ref_probe = float(np.median(probes)) if probes else None
     for r in results:
+        scale = r["op_probe_s"] / ref_probe if ref_probe and r.get("op_probe_s") else 1.0
         sp = r["spec"]
         shape = ModelShape.from_preset(replace(PRESETS[sp["preset"]], **sp["overrides"]))
         tokens = sp["batch"] * sp["seq"]
@@ -305,30 +429,33 @@ def fit(results: list[dict]) -> None:
         # the dense token-embedding gradient is allocated and accumulated every micro-step:
         # a fixed cost per byte measured separately (``--embed``), taken out before the fit
         emb = shape.vocab_size * shape.proj * FP32
-        t_fb -= EMBED_GRAD_S_PER_BYTE * emb
-        row = np.array([flops / g, act, shape.n_layer, 1.0])
-        orow = np.array([r["params"], n_t])
+        t_fb -= EMBED_GRAD_S_PER_BYTE * emb * scale
+        row = np.array([flops / g, act * scale, shape.n_layer * scale, scale])
+        orow = np.array([r["params"] * scale, n_t * scale])
         if one:
             rows.append(row / t_fb), ys.append(1.0)
             orows.append(orow / t_opt), oys.append(1.0)
-        info.append((r, shape, row, orow, t_fb, t_opt, g, act, one))
+        info.append((r, shape, row, orow, t_fb, t_opt, g, act, one, scale))
     x = _nnls(np.array(rows), np.array(ys))
     xo = _nnls(np.array(orows), np.array(oys))
     g1 = max(r["gflops_cpu"] for r in results if r["spec"]["threads"] == 1)
-    print(f"host matmul (512^3, 1 thread, CPU time): {g1:.0f} GFLOP/s")
+    print(f"host matmul (512^3, 1 thread, CPU time): {g1:.0f} GFLOP/s  (ref_core_gflops)")
+    if ref_probe:
+        print(f"op probe (workers.compute_probe.op_seconds, median of the runs): {ref_probe * 1e3:.3f} ms  "
+              f"(ref_op_probe_s; runs {min(probes) * 1e3:.3f}-{max(probes) * 1e3:.3f})")
     print(f"fit: matmul_efficiency {1 / x[0] if x[0] else float('inf'):.3f}  act_s_per_byte {x[1]:.3g}  "
           f"block_s {x[2]:.3g}  step_s {x[3]:.3g}  (embed_grad_s_per_byte {EMBED_GRAD_S_PER_BYTE:.3g}, fixed)")
     print(f"optimizer: opt_s_per_param {xo[0]:.3g}  opt_s_per_tensor {xo[1]:.3g}")
     mib = 2 ** 20
     print(f"{'config':<44} {'thr':>3} {'t_fb':>7} {'pred':>7} {'err':>5} {'t_opt':>7} {'pred':>7} | "
           f"{'rss0':>5} {'vm0':>5} | {'W':>6} {'act':>6} | {'hwm':>6} {'extra':>6} {'x act':>5} | {'vm-rss':>6}")
-    for r, shape, row, orow, t_fb, t_opt, g, act, one in info:
+    for r, shape, row, orow, t_fb, t_opt, g, act, one, scale in info:
         sp = r["spec"]
         pred = float(row @ x) if one else float(row @ x)  # 2 threads: same formula, g is 2-thread
         if not one:  # fixed terms do not speed up with threads; matmuls do (row[0] uses g)
             pred = float(row[0] * x[0] + (row[1:] @ x[1:]))
-        pred += EMBED_GRAD_S_PER_BYTE * shape.vocab_size * shape.proj * FP32
-        t_fb += EMBED_GRAD_S_PER_BYTE * shape.vocab_size * shape.proj * FP32
+        pred += EMBED_GRAD_S_PER_BYTE * shape.vocab_size * shape.proj * FP32 * scale
+        t_fb += EMBED_GRAD_S_PER_BYTE * shape.vocab_size * shape.proj * FP32 * scale
         pred_o = float(orow @ xo)
         m = r["marks"]
         w = r["params"] * 4
@@ -355,12 +482,17 @@ def main() -> None:
     ap.add_argument("--saved", action="store_true")
     ap.add_argument("--overhead", action="store_true")
     ap.add_argument("--embed", action="store_true")
+    ap.add_argument("--pipeline", action="store_true")
     ap.add_argument("--only", help="comma-separated indices of CONFIGS")
     ap.add_argument("--save", help="write raw results JSON here")
     ap.add_argument("--load", nargs="+", help="fit from saved results JSON files")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+        spec = json.loads(args.child)
+        print(json.dumps(pipeline_child(spec) if spec.get("pipeline") else child(spec)))
+        return
+    if args.pipeline:
+        pipeline_calibration()
         return
     if args.saved:
         saved_floats()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from app.boards import BOARDS
 from app.planner import costmodel as cm
 from app.planner.costmodel import GIB, DeviceSpec, RankLoad
+from app.planner.inputs import specs_for_devices
 from app.planner.links import Links
 from app.planner.plan import PLAN_VERSION, Plan, compare, make_plan, plan_stages
 from app.planner.shape import resolve_model
@@ -296,3 +298,50 @@ def test_spec_from_profile_duck_typed():
     Prof.labels, Prof.mem_limit_bytes = {}, None
     spec = cm.spec_from_profile(Prof())
     assert spec.mem_bytes == 6 * GIB and not spec.mem_is_virtual
+
+
+def test_the_op_probe_scales_the_non_matmul_time_and_nothing_else():
+    """A device whose profile ran the op probe twice as slow as the calibration host spends
+    twice the fixed (non-matmul) seconds; its matmul seconds follow its matmul rate; a
+    device without the probe falls back to its per-thread matmul rate."""
+    cal = cm.CALIBRATION
+    base = cm.DeviceSpec("a", gflops=cal.ref_core_gflops, mem_bytes=None, op_probe_s=cal.ref_op_probe_s)
+    slow_ops = replace(base, op_probe_s=2 * cal.ref_op_probe_s)
+    assert cm.slowness(base) == pytest.approx(1.0) and cm.slowness(slow_ops) == pytest.approx(2.0)
+    flops, act = 4e9, 64 * 2 ** 20
+    matmul = cm.compute_seconds(base, flops, 0.0, 0, 0, cal)
+    fixed = cm.compute_seconds(base, 0.0, act, 4, 1, cal)
+    assert matmul == pytest.approx(flops / (cal.matmul_efficiency * cal.ref_core_gflops * 1e9))
+    assert cm.compute_seconds(slow_ops, flops, 0.0, 0, 0, cal) == pytest.approx(matmul)
+    assert cm.compute_seconds(slow_ops, 0.0, act, 4, 1, cal) == pytest.approx(2 * fixed)
+    assert cm.optimizer_seconds(slow_ops, 10 ** 6, 50, cal) == pytest.approx(
+        2 * cm.optimizer_seconds(base, 10 ** 6, 50, cal))
+    # no probe: the matmul rate stands in (a board preset, an older profile)
+    half = replace(base, gflops=cal.ref_core_gflops / 2, op_probe_s=None)
+    assert cm.slowness(half) == pytest.approx(2.0)
+
+    class Prof:
+        name, threads, gflops_fp32, op_probe_s = "p", 1, 90.0, 0.004
+        mem_limit_bytes = mem_available_bytes = mem_total_bytes = None
+        p_idle_w, p_max_w, power_source, labels = 2.0, 10.0, "estimate", {}
+
+    assert cm.spec_from_profile(Prof()).op_probe_s == 0.004
+
+
+def test_testbed_devices_sharing_cores_run_the_op_probe_slower_in_proportion():
+    """Four one-thread testbed devices on two host cores: half the matmul rate and twice
+    the op probe's seconds each, as they compute at the same time."""
+    from app.devices.inventory import Device
+
+    class Prof:
+        threads, gflops_fp32, op_probe_s = 1, 90.0, 0.004
+        mem_limit_bytes = mem_available_bytes = mem_total_bytes = None
+        p_idle_w, p_max_w, power_source, labels = 2.0, 10.0, "estimate", {"testbed": "local"}
+
+    devs = [Device(name=f"d{i}", host="127.0.0.1", labels={"testbed": "local"}) for i in range(4)]
+    profiles = {}
+    for d in devs:
+        profiles[d.name] = type("P", (Prof,), {"name": d.name})()
+    specs, _ = specs_for_devices(devs, profiles=profiles, n_cpus=2)
+    assert [s.gflops for s in specs] == [45.0] * 4
+    assert [s.op_probe_s for s in specs] == [pytest.approx(0.008)] * 4

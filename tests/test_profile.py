@@ -90,6 +90,8 @@ def test_cli_profile_four_devices_then_cache_survives_restart(tb4):
         assert p.mem_limit_bytes == dev.mem_bytes  # the emulated cap is the tightest limit
         assert p.labels["preset"] == dev.preset and p.power_source == "estimate"
         assert p.gflops_fp32 and p.gflops_fp32 > 1 and p.gflops_fp16 is None and p.gpu is None
+        # the non-matmul probe: a few ms per pass on any CPU this runs on, not a default
+        assert p.op_probe_s is not None and 1e-4 < p.op_probe_s < 1.0, p.op_probe_s
         assert p.versions["torch"] and p.versions["python"] and p.versions["workers"]
         assert p.p_max_w > p.p_idle_w > 0
         assert "rapl" in p.sensors and "ina3221" in p.sensors and "nvml" in p.sensors

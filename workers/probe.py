@@ -7,7 +7,8 @@ imported only when asked, so the same script diagnoses a device *without* torch.
 Modes (``python -m workers.probe MODE``):
 
 ``info [--bench S]``
-    One JSON object: OS, CPU, memory, GPU, versions, power sensors, matmul GFLOP/s.
+    One JSON object: OS, CPU, memory, GPU, versions, power sensors, matmul GFLOP/s and
+    the seconds of a fixed piece of non-matmul work (``op_probe_s``).
 ``serve --bind ADDR``
     A TCP sink for link measurements; prints ``{"port": P}`` and serves until killed.
 ``send --to HOST:PORT [--seconds S]``
@@ -41,7 +42,9 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-PROBE_VERSION = 1
+from .compute_probe import matmul_gflops, op_seconds
+
+PROBE_VERSION = 2  # 2: op_probe_s
 _CHUNK = 1 << 16
 
 
@@ -188,33 +191,6 @@ def power_source(sens: Dict[str, Any], has_gpu: bool) -> str:
     return "estimate"
 
 
-def matmul_gflops(dtype: str = "float32", device: str = "cpu", seconds: float = 0.3,
-                  n: Optional[int] = None) -> Optional[float]:
-    """Measured square-matmul throughput in GFLOP/s over the whole timed window.
-
-    All the work over all the time, not a statistic of short chunks: under a CPU quota (a
-    cgroup board of the testbed, a container) the chunks alternate between full speed and
-    throttled, so a median of chunks reads either; the window spans several quota periods.
-    """
-    import torch
-    dt = getattr(torch, dtype)
-    n = n or (2048 if device.startswith("cuda") else 512)
-    a = torch.randn(n, n, device=device).to(dt)
-    b = torch.randn(n, n, device=device).to(dt)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    torch.matmul(a, b)  # warm-up: first call allocates and picks kernels
-    sync()
-    reps = 0
-    t0 = time.perf_counter()
-    while True:
-        torch.matmul(a, b)
-        reps += 1
-        if reps >= 3 and time.perf_counter() - t0 >= seconds:
-            break
-    sync()
-    return float(2.0 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9)
-
-
 def device_info(bench_seconds: float = 0.3) -> Dict[str, Any]:
     """Everything the controller's :class:`DeviceProfile` is built from."""
     mem = _meminfo()
@@ -233,7 +209,7 @@ def device_info(bench_seconds: float = 0.3) -> Dict[str, Any]:
         "emu_preset": os.environ.get("EDGETRAIN_EMU_PRESET") or None,
         "p_idle_w": _env_float("EDGETRAIN_EMU_P_IDLE_W"),
         "p_max_w": _env_float("EDGETRAIN_EMU_P_MAX_W"),
-        "gpu": None, "gflops_fp32": None, "gflops_fp16": None, "torch_error": None,
+        "gpu": None, "gflops_fp32": None, "gflops_fp16": None, "op_probe_s": None, "torch_error": None,
     }
     sens = sensors()
     info["sensors"] = sens
@@ -257,6 +233,8 @@ def device_info(bench_seconds: float = 0.3) -> Dict[str, Any]:
         info["gflops_fp32"] = matmul_gflops("float32", device, bench_seconds)
         if device == "cuda":
             info["gflops_fp16"] = matmul_gflops("float16", device, bench_seconds)
+        else:  # on a GPU the non-matmul work runs there too: not what this measures
+            info["op_probe_s"] = op_seconds(bench_seconds)
     return info
 
 

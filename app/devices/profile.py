@@ -71,6 +71,9 @@ class DeviceProfile:
     emulated cap, ``RLIMIT_AS``, the cgroup limit and physical memory.  ``p_idle_w`` /
     ``p_max_w`` come from the emulation, else generic defaults; ``power_source`` is the
     meter a worker will use (``estimate`` when no sensor is attributable to the device).
+    ``op_probe_s`` is the seconds of a fixed piece of non-matmul work on one thread
+    (``workers.compute_probe.op_seconds``; ``None`` on a GPU, without torch, or in a
+    profile from before probe version 2): the planner scales its non-matmul time by it.
     ``from_cache`` is not stored: it says whether this object came from the cache.
     """
 
@@ -96,6 +99,7 @@ class DeviceProfile:
     host: str = ""
     port: int = 22
     torch_error: str | None = None
+    op_probe_s: float | None = None
     from_cache: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -209,6 +213,15 @@ def _pair_key(a: str, b: str) -> str:
     return f"{a}->{b}"
 
 
+def _positive(value: Any) -> float | None:
+    """A measured duration, or ``None`` for anything that is not a positive finite number."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if 0 < v < float("inf") else None
+
+
 def build_profile(device: Device, info: dict[str, Any]) -> DeviceProfile:
     """A :class:`DeviceProfile` from the probe's ``info`` answer."""
     v = info.get("versions", {})
@@ -231,7 +244,8 @@ def build_profile(device: Device, info: dict[str, Any]) -> DeviceProfile:
         p_idle_w=float(info.get("p_idle_w") or DEFAULT_P_IDLE_W),
         p_max_w=float(info.get("p_max_w") or DEFAULT_P_MAX_W),
         power_source=str(info.get("power_source") or "estimate"), labels=labels,
-        host=device.host, port=device.port, torch_error=info.get("torch_error"))
+        host=device.host, port=device.port, torch_error=info.get("torch_error"),
+        op_probe_s=_positive(info.get("op_probe_s")))
 
 
 # --------------------------------------------------------------------------- profiling

@@ -11,8 +11,8 @@ gloo group with the DP trainer: DDP + AdamW; see :data:`CALIBRATION` for the num
 
     compute   = FLOPs / (eff * G) + (k_act * activation bytes + k_block * block passes
                 + k_step * micro-steps + k_embed * embedding-gradient bytes
-                + k_tp * tensor-parallel linears) * (G_ref_core / G_core)
-    optimizer = (k_opt * params + k_tensor * tensors) * (G_ref_core / G_core), every k steps
+                + k_tp * tensor-parallel linears) * slowness
+    optimizer = (k_opt * params + k_tensor * tensors) * slowness, every k steps
     RSS       = runtime + first-step runtime + weights + grads + 2 x AdamW state
                 + DDP bucket + f_family * saved activations (+ AdamW temporaries)
 
@@ -23,9 +23,10 @@ gradient accumulation and bf16 change the saved activations and FLOPs the planne
 passes in; bf16 adds autocast's weight copies to forward and backward.
     virtual   = RSS + address space reserved but not resident (thread arenas/stacks)
 
-``G`` is the device's fp32 matmul rate (a profile's ``gflops_fp32``: all its threads),
-``G_core`` the same per thread: fixed per-op costs do not get faster with more threads
-(an assumption: the calibration host was too loaded to measure 2-thread scaling).
+``G`` is the device's fp32 matmul rate (a profile's ``gflops_fp32``: all its threads);
+``slowness`` its op probe's seconds over the calibration host's (:func:`slowness`; a
+device without one: ``G_ref_core / G_core``, ``G_core`` the matmul rate per thread):
+fixed per-op costs do not get faster with more threads.
 The measurements behind every constant are in ``bench/RESULTS.md`` ("Calibration of
 the cost model"); the raw data in ``bench/data/plan_calibration.json``.
 
@@ -38,112 +39,16 @@ the virtual prediction; a real device's RAM compares RSS.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 from app.planner import knobs
 
-MIB = 2 ** 20
-GIB = 2 ** 30
+# the constants live in app.planner.calibration; the planner's modules and the tests
+# reach them through this module
+from app.planner.calibration import CALIBRATION, GIB, MIB, Calibration  # noqa: F401
+
 PHASES = ("load", "forward", "backward", "optimizer")
 SENSOR_SOURCES = ("nvml", "ina3221", "rapl")
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Constants of the cost model, measured on the calibration host.
-
-    The forward + backward terms (``matmul_efficiency``, ``act_s_per_byte``, ``step_s``,
-    ``embed_grad_s_per_byte``) are the 2026-11-23 fit, every time term then divided by
-    1.175: since the workers keep their heap (``workers.memory.tune_allocator``) the
-    one-rank steps of two later calibrations (``bench/data/plan_calibration_2026-12-03c``
-    and ``-03d.json``, 15 configurations each) measured a median 17 % and 18 % below
-    that fit's predictions, each at its own host's matmul rate.
-
-    Attributes
-    ----------
-    matmul_efficiency
-        Fraction of the fp32 matmul rate (512^3 GEMM, what ``edgetrain profile``
-        measures) that training FLOPs reach.
-    act_s_per_byte
-        Seconds per byte of saved activations (per micro-step, forward + backward) on
-        the reference core: element-wise ops, allocation and page faults, which are what
-        dominate small models.
-    block_s, step_s
-        Fixed seconds per block pass (forward + backward of one block on one
-        micro-batch) and per micro-step (loss, DDP hooks, autograd start-up).
-    embed_grad_s_per_byte
-        The token-embedding gradient is dense (vocab x width): allocated and
-        accumulated on every micro-step that runs the embeddings.  Measured apart
-        (``bench/plan_calibrate.py --embed``: gpt2-s stage with vs without embeddings).
-    tp_module_s
-        DTensor dispatch per tensor-parallel linear per step (forward + backward),
-        from the quiet-host accuracy runs of the tiny presets (``bench/RESULTS.md``).
-    opt_s_per_param, opt_s_per_tensor
-        Fused AdamW on CPU (memory bound): per parameter and per tensor, fit by
-        ``bench/plan_calibrate.py`` (``bench/data/plan_calibration_2026-12-03d.json``:
-        1.36e-9 and 2.68e-5 s at 121 GFLOP/s per thread, scaled to ``ref_core_gflops``).
-    ref_core_gflops
-        Per-thread matmul rate of the calibration host; fixed costs scale by it.
-    runtime_rss_bytes
-        RSS of a worker process before its model: python + torch + transformers +
-        the workers package + a gloo group.  Measured: ``bench/plan_calibrate.py
-        --overhead`` (``ru_maxrss`` after ``import torch, transformers, workers.train``
-        and ``workers.dist.init`` of a one-rank group).
-    runtime_file_bytes
-        The file-backed part of a training worker's RSS (torch's and oneDNN's shared
-        libraries: ``RssFile`` in ``/proc/<pid>/status``, ~100 MiB measured during tiny-gpt2
-        steps).  Under a physical (cgroup) cap the kernel reclaims these pages before it
-        kills: a tiny-gpt2 rank of 450 MiB RSS trained under a 410 MiB cgroup limit.
-    rss_per_peer_bytes
-        Extra RSS per other rank in the group (gloo pairs and buffers): not measurable
-        with 2 and 4 ranks (within 5 MB), so 0.
-    first_step_rss_bytes
-        RSS the first training step adds beyond tensors (autograd engine, oneDNN
-        primitives, allocator bookkeeping).
-    act_factor
-        Peak activation RSS / saved activations, per family: backward's gradient
-        temporaries and freed-but-retained heap (glibc keeps small frees) on top of
-        what autograd saves.
-    virtual_base_bytes, virtual_per_thread_bytes
-        Virtual size minus RSS once training runs: ``base + per_thread * threads``
-        (1 thread: 580 MB, 2 threads: 712 MB, over 17 configurations within 10 MB).
-    virtual_load_base_bytes, virtual_load_per_thread_bytes
-        The same before the first step (466 / 514 MB): autograd's worker threads and
-        their malloc arenas appear with the first backward.
-    virtual_store_bytes
-        Extra virtual size of rank 0 in a group of more than one (the TCPStore server's
-        threads and their malloc arena).
-    p2p_s
-        Fixed cost of one point-to-point message in a pipeline schedule (gloo send/recv
-        and the schedule's bookkeeping) on top of the link's latency.  Not calibrated
-        yet (estimate).
-    """
-
-    matmul_efficiency: float = 0.993
-    act_s_per_byte: float = 6.55e-10
-    block_s: float = 0.0
-    step_s: float = 3.75e-4
-    embed_grad_s_per_byte: float = 5.5e-10
-    tp_module_s: float = 2.0e-3
-    opt_s_per_param: float = 8.2e-10
-    opt_s_per_tensor: float = 1.62e-5
-    ref_core_gflops: float = 200.0
-    runtime_rss_bytes: int = 340 * MIB
-    runtime_file_bytes: int = 96 * MIB
-    rss_per_peer_bytes: int = 0
-    first_step_rss_bytes: int = 30 * MIB
-    act_factor: Mapping[str, float] = field(default_factory=lambda: {"gpt2": 1.9, "bert": 1.6, "opt": 1.8})
-    virtual_base_bytes: int = 448 * MIB
-    virtual_per_thread_bytes: int = 132 * MIB
-    virtual_load_base_bytes: int = 418 * MIB
-    virtual_load_per_thread_bytes: int = 48 * MIB
-    virtual_store_bytes: int = 64 * MIB
-    p2p_s: float = 0.3e-3
-
-
-CALIBRATION = Calibration()
-#: The ``runtime_overhead_bytes`` of a worker (see :class:`Calibration.runtime_rss_bytes`).
-RUNTIME_OVERHEAD_BYTES = CALIBRATION.runtime_rss_bytes
 
 
 # --------------------------------------------------------------------------- inputs
@@ -173,6 +78,10 @@ class DeviceSpec:
         False for a generic default (no profile, no preset): flagged in the output.
     source
         Where the numbers came from (``profile``, ``preset jetson-nano``, ``default``).
+    op_probe_s
+        Seconds of the profile's fixed piece of non-matmul work on one thread
+        (``workers.compute_probe.op_seconds``), or ``None`` (no profile, a GPU, an older one):
+        see :func:`slowness`.
     """
 
     name: str
@@ -185,10 +94,25 @@ class DeviceSpec:
     mem_is_virtual: bool = False
     profiled: bool = True
     source: str = "profile"
+    op_probe_s: float | None = None
 
     @property
     def core_gflops(self) -> float:
         return self.gflops / max(1, self.threads)
+
+
+def slowness(spec: DeviceSpec, cal: Calibration | None = None) -> float:
+    """How many times slower than the calibration host ``spec`` runs the non-matmul work.
+
+    From the device's op probe where its profile has one (``workers.compute_probe.op_seconds``);
+    else from its per-thread matmul rate, which does not track that work across CPUs (the
+    same non-matmul work ran 2x faster on an AMD EPYC host than on an Intel one of the
+    same matmul rate) but is all a board preset gives.
+    """
+    cal = cal or CALIBRATION
+    if spec.op_probe_s and cal.ref_op_probe_s:
+        return spec.op_probe_s / cal.ref_op_probe_s
+    return cal.ref_core_gflops / max(1e-9, spec.core_gflops)
 
 
 #: Per-thread fp32 matmul rate of this kind of host (512^3, ``edgetrain profile``'s
@@ -218,7 +142,8 @@ def spec_from_profile(profile: Any) -> DeviceSpec:
                       p_idle_w=float(getattr(profile, "p_idle_w", 5.0) or 5.0),
                       p_max_w=float(getattr(profile, "p_max_w", 15.0) or 15.0),
                       power_source=str(getattr(profile, "power_source", "estimate") or "estimate"),
-                      threads=threads, mem_is_virtual=emulated, source="profile")
+                      threads=threads, mem_is_virtual=emulated, source="profile",
+                      op_probe_s=getattr(profile, "op_probe_s", None))
 
 
 def spec_from_preset(name: str, preset: Any, threads: int | None = None,
@@ -379,7 +304,7 @@ def compute_seconds(spec: DeviceSpec, flops: float, act_bytes: float, block_pass
 
     ``embed_bytes`` is the embedding gradient summed over the micro-steps.
     """
-    slow = cal.ref_core_gflops / max(1e-9, spec.core_gflops)
+    slow = slowness(spec, cal)
     return (flops / (cal.matmul_efficiency * spec.gflops * 1e9)
             + (cal.act_s_per_byte * act_bytes + cal.block_s * block_passes + cal.step_s * micro_steps
                + cal.embed_grad_s_per_byte * embed_bytes + cal.tp_module_s * tp_modules) * slow)
@@ -388,7 +313,7 @@ def compute_seconds(spec: DeviceSpec, flops: float, act_bytes: float, block_pass
 def optimizer_seconds(spec: DeviceSpec, params: int, n_tensors: int, cal: Calibration = CALIBRATION,
                       optimizer: str = "adamw") -> float:
     """One optimizer step (AdamW calibrated; others scaled) over ``params`` parameters in ``n_tensors`` tensors."""
-    slow = cal.ref_core_gflops / max(1e-9, spec.core_gflops)
+    slow = slowness(spec, cal)
     return (cal.opt_s_per_param * knobs.OPT_TIME_PER_PARAM[optimizer] * params
             + cal.opt_s_per_tensor * knobs.OPT_TIME_PER_TENSOR[optimizer] * n_tensors) * slow
 

@@ -89,6 +89,8 @@ def specs_for_devices(devices: Sequence[Any], all_devices: Sequence[Any] | None 
     if busy > n_cpus:
         for s in testbed:
             s.gflops *= n_cpus / busy
+            if s.op_probe_s:
+                s.op_probe_s *= busy / n_cpus
             s.source += f" (shares {n_cpus} host cpus)"
     defaults = TESTBED_LINK if devices and all(is_testbed(d) for d in devices) else {}
     links = Links.from_pairs(dict(link_pairs), **defaults) if link_pairs else Links(**defaults)

@@ -81,8 +81,9 @@ class _Pipeline:
         """One boundary message from stage ``s`` to ``other`` (slowest replica's link)."""
         if not 0 <= other < self.n_stages:
             return 0.0
-        return max(p2p_s(self.msg, a.name, b.name, self.links)
-                   for a, b in zip(self.groups[s], self.groups[other])) + self.cal.p2p_s
+        # the fixed part is CPU work on the stage (gloo, the schedule's bookkeeping)
+        return max(p2p_s(self.msg, a.name, b.name, self.links) + self.cal.p2p_s * cm.slowness(a, self.cal)
+                   for a, b in zip(self.groups[s], self.groups[other]))
 
     def _p2p(self, s: int) -> float:
         """Stage ``s``'s messages per micro-batch: activations forward to the next
