@@ -98,10 +98,13 @@ def test_cpu_quotas_keep_the_boards_relative_speeds_and_profile_measures_them(tm
     # published peak fp32 of the CPUs: NX 134 GFLOP/s, Nano 46 -> NX gets the fair share
     assert nx.cpu_share == pytest.approx(1.0) and nano.cpu_share == pytest.approx(1.0 * 45.76 / 134.4, rel=1e-3)
     assert inv.devices[0].labels["cpu_share"] == f"{nano.cpu_share:.4g}"
-    measured = profiles["nx0"].gflops_fp32 / profiles["nano0"].gflops_fp32
     # a quota caps, it does not guarantee: on a busy host either board may get less than
-    # its share (measured 1.9-4.9 here), but the NX is always clearly the faster
+    # its share (measured 1.9-4.9 here), but the NX is always clearly the faster, in the
+    # matmul rate and in the non-matmul op probe alike
+    measured = profiles["nx0"].gflops_fp32 / profiles["nano0"].gflops_fp32
     assert 1.5 < measured < 6.0, (measured, profiles)
+    ops = profiles["nano0"].op_probe_s / profiles["nx0"].op_probe_s
+    assert 1.5 < ops < 6.0, (ops, profiles)
 
 
 @needs_cgroups

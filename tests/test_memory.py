@@ -138,6 +138,41 @@ def test_memory_limit_from_cgroups_and_env(tmp_path: Path, monkeypatch: pytest.M
     assert memory_limit_bytes(str(tmp_path)) == (1000000, f"env:{memory.ENV_MEM}")
 
 
+def test_cpu_quota_from_cgroup_v1_and_v2(tmp_path: Path) -> None:
+    """The probe reads the quota a board's cgroup sets (the smallest along the path, v1 or
+    v2), and none where the controller says -1 / max."""
+    from workers.compute_probe import cpu_quota_cores
+
+    def tree(root: Path, v1: dict[str, tuple[str, str]], v2: dict[str, str]) -> str:
+        (root / "proc/self").mkdir(parents=True)
+        (root / "proc/self/cgroup").write_text("3:cpu,cpuacct:/edgetrain/tb-1/nano0\n0::/user.slice/w1\n")
+        (root / "proc/self/mountinfo").write_text(
+            "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"
+            "36 31 0:33 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct\n"
+            "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n")
+        for rel, (quota, period) in v1.items():
+            d = root / "sys/fs/cgroup/cpu,cpuacct" / rel
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "cpu.cfs_quota_us").write_text(quota + "\n")
+            (d / "cpu.cfs_period_us").write_text(period + "\n")
+        for rel, text in v2.items():
+            d = root / "sys/fs/cgroup/unified" / rel
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "cpu.max").write_text(text + "\n")
+        return str(root)
+
+    root = tree(tmp_path / "a", {"": ("-1", "100000"), "edgetrain": ("-1", "100000"),
+                                 "edgetrain/tb-1": ("150000", "100000"),
+                                 "edgetrain/tb-1/nano0": ("17000", "100000")},
+                {"user.slice/w1": "max 100000"})
+    assert cpu_quota_cores(root) == pytest.approx(0.17)
+    root = tree(tmp_path / "b", {"edgetrain/tb-1/nano0": ("-1", "100000")},
+                {"user.slice": "50000 100000", "user.slice/w1": "max 100000"})
+    assert cpu_quota_cores(root) == pytest.approx(0.5)
+    root = tree(tmp_path / "c", {"edgetrain/tb-1/nano0": ("-1", "100000")}, {"user.slice/w1": "max 100000"})
+    assert cpu_quota_cores(root) is None
+
+
 def test_memory_limit_none_without_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import resource
     if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:

@@ -110,8 +110,8 @@ def _unescape(path: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), path)
 
 
-def _cgroup_dirs(root: str) -> list[tuple[str, str, str]]:
-    """(version, leaf dir, mount point) of this process's memory cgroups."""
+def _cgroup_dirs(root: str, controller: str = "memory") -> list[tuple[str, str, str]]:
+    """(version, leaf dir, mount point) of this process's ``controller`` cgroups."""
     try:
         with open(_join(root, "/proc/self/cgroup")) as f:
             groups = [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
@@ -129,9 +129,9 @@ def _cgroup_dirs(root: str) -> list[tuple[str, str, str]]:
         mroot, mpoint = _unescape(m[3]), _unescape(m[4])
         if fstype == "cgroup2":
             version, path = "cgroup2", next((g[2] for g in groups if g[0] == "0" and g[1] == ""), None)
-        elif fstype == "cgroup" and "memory" in superopts:
+        elif fstype == "cgroup" and controller in superopts:
             version = "cgroup1"
-            path = next((g[2] for g in groups if "memory" in g[1].split(",")), None)
+            path = next((g[2] for g in groups if controller in g[1].split(",")), None)
         else:
             continue
         if path is None:
