@@ -111,21 +111,30 @@ def test_torch_oom_types_if_loaded() -> None:
     assert is_oom_error(torch.cuda.OutOfMemoryError("CUDA error"))
 
 
-def _cgroup_fixture(root: Path, v2_limits: dict[str, str], v1_limits: dict[str, str]) -> None:
+def _proc_self(root: Path, v1_controllers: str, v1_path: str) -> None:
+    """``/proc/self/{cgroup,mountinfo}`` of a process in a v1 hierarchy of ``v1_controllers``
+    at ``v1_path`` and in ``/user.slice/w1`` of the v2 one."""
     (root / "proc/self").mkdir(parents=True)
-    (root / "proc/self/cgroup").write_text("4:memory:/jobs/w1\n0::/user.slice/w1\n")
+    (root / "proc/self/cgroup").write_text(f"4:{v1_controllers}:{v1_path}\n0::/user.slice/w1\n")
     (root / "proc/self/mountinfo").write_text(
         "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"
-        "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
+        f"35 31 0:32 / /sys/fs/cgroup/{v1_controllers} rw,relatime - cgroup cgroup rw,{v1_controllers}\n"
         "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n")
-    for rel, text in v2_limits.items():
-        d = root / "sys/fs/cgroup/unified" / rel
+
+
+def _write_files(root: Path, files: dict[str, dict[str, str]]) -> None:
+    """``{directory: {file name: content}}`` under ``root``."""
+    for rel, named in files.items():
+        d = root / rel
         d.mkdir(parents=True, exist_ok=True)
-        (d / "memory.max").write_text(text + "\n")
-    for rel, text in v1_limits.items():
-        d = root / "sys/fs/cgroup/memory" / rel
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "memory.limit_in_bytes").write_text(text + "\n")
+        for name, text in named.items():
+            (d / name).write_text(text + "\n")
+
+
+def _cgroup_fixture(root: Path, v2_limits: dict[str, str], v1_limits: dict[str, str]) -> None:
+    _proc_self(root, "memory", "/jobs/w1")
+    _write_files(root, {f"sys/fs/cgroup/unified/{rel}": {"memory.max": t} for rel, t in v2_limits.items()})
+    _write_files(root, {f"sys/fs/cgroup/memory/{rel}": {"memory.limit_in_bytes": t} for rel, t in v1_limits.items()})
 
 
 def test_memory_limit_from_cgroups_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -144,21 +153,10 @@ def test_cpu_quota_from_cgroup_v1_and_v2(tmp_path: Path) -> None:
     from workers.compute_probe import cpu_quota_cores
 
     def tree(root: Path, v1: dict[str, tuple[str, str]], v2: dict[str, str]) -> str:
-        (root / "proc/self").mkdir(parents=True)
-        (root / "proc/self/cgroup").write_text("3:cpu,cpuacct:/edgetrain/tb-1/nano0\n0::/user.slice/w1\n")
-        (root / "proc/self/mountinfo").write_text(
-            "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"
-            "36 31 0:33 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct\n"
-            "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n")
-        for rel, (quota, period) in v1.items():
-            d = root / "sys/fs/cgroup/cpu,cpuacct" / rel
-            d.mkdir(parents=True, exist_ok=True)
-            (d / "cpu.cfs_quota_us").write_text(quota + "\n")
-            (d / "cpu.cfs_period_us").write_text(period + "\n")
-        for rel, text in v2.items():
-            d = root / "sys/fs/cgroup/unified" / rel
-            d.mkdir(parents=True, exist_ok=True)
-            (d / "cpu.max").write_text(text + "\n")
+        _proc_self(root, "cpu,cpuacct", "/edgetrain/tb-1/nano0")
+        _write_files(root, {f"sys/fs/cgroup/cpu,cpuacct/{rel}": {"cpu.cfs_quota_us": q, "cpu.cfs_period_us": p}
+                            for rel, (q, p) in v1.items()})
+        _write_files(root, {f"sys/fs/cgroup/unified/{rel}": {"cpu.max": t} for rel, t in v2.items()})
         return str(root)
 
     root = tree(tmp_path / "a", {"": ("-1", "100000"), "edgetrain": ("-1", "100000"),
