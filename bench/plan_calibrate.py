@@ -219,6 +219,7 @@ def pipeline_calibration(micro_batches=(1, 2, 4, 8, 16), preset: str = "tiny-gpt
     from app.planner import costmodel as cm
     from app.planner.links import Links
     from app.planner.pipeline import eval_pipeline
+    from app.planner.shape import resolve_model
     from workers.config import RunSettings
     from workers.presets import PRESETS as P
 
@@ -252,7 +253,7 @@ def pipeline_calibration(micro_batches=(1, 2, 4, 8, 16), preset: str = "tiny-gpt
             specs = [spec, other] if rank == 0 else [other, spec]
             # the model without its per-message term: p2p_s 0, links instant
             cal0 = replace(cm.CALIBRATION, p2p_s=0.0)
-            ev = eval_pipeline("pp", _shape(preset), st, specs, Links(default_mbps=1e9, default_rtt_ms=0.0),
+            ev = eval_pipeline("pp", resolve_model(preset), st, specs, Links(default_mbps=1e9, default_rtt_ms=0.0),
                                stages=[{"ranks": [0], "layers": [0, cut]}, {"ranks": [1], "layers": [cut, n_layer]}],
                                cal=cal0)
             d = ev.devices[rank]
@@ -268,12 +269,6 @@ def pipeline_calibration(micro_batches=(1, 2, 4, 8, 16), preset: str = "tiny-gpt
     a = np.stack([np.array(xs), np.ones(len(xs))], axis=1)
     (k, c), *_ = np.linalg.lstsq(a, np.array(ys), rcond=None)
     print(f"fit: p2p_s {k:.3g} s per message at the reference op probe (per-step residual {c * 1e3:.1f} ms)")
-
-
-def _shape(preset: str):
-    from app.planner.shape import ModelShape
-    from workers.models import PRESETS
-    return ModelShape.from_preset(PRESETS[preset])
 
 
 def run_child(spec: dict) -> dict:

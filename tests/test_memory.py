@@ -171,6 +171,16 @@ def test_cpu_quota_from_cgroup_v1_and_v2(tmp_path: Path) -> None:
     assert cpu_quota_cores(root) is None
 
 
+def test_probes_time_longer_windows_under_a_binding_cpu_quota() -> None:
+    from workers.compute_probe import QUOTA_WINDOW_S, timed_window
+
+    assert timed_window(0.3, 1, None) == 0.3
+    assert timed_window(0.3, 1, 0.17) == QUOTA_WINDOW_S
+    assert timed_window(0.3, 1, 1.0) == QUOTA_WINDOW_S   # one full core still throttles at the edge
+    assert timed_window(0.3, 1, 1.5) == 0.3              # a quota above the threads never binds
+    assert timed_window(5.0, 2, 0.5) == 5.0              # never shorter than asked
+
+
 def test_memory_limit_none_without_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import resource
     if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:

@@ -328,6 +328,26 @@ def test_the_op_probe_scales_the_non_matmul_time_and_nothing_else():
     assert cm.spec_from_profile(Prof()).op_probe_s == 0.004
 
 
+def test_a_pipeline_stage_pays_its_per_message_cost_at_its_own_speed():
+    """``p2p_s`` is CPU work on the stage: a stage whose op probe is twice as slow pays it
+    twice per message (links made instant so only that term is left)."""
+    from app.planner.pipeline import eval_pipeline
+
+    cal = cm.CALIBRATION
+    st = RunSettings(model="tiny-gpt2", parallelism="pp", batch_size=32, micro_batches=4)
+    stages = [{"ranks": [0], "layers": [0, 2]}, {"ranks": [1], "layers": [2, 4]}]
+    links = Links(default_mbps=1e12, default_rtt_ms=0.0)
+
+    def comm(probe_s: float) -> float:
+        specs = [DeviceSpec(f"d{i}", gflops=cal.ref_core_gflops, mem_bytes=None, op_probe_s=probe_s)
+                 for i in range(2)]
+        return eval_pipeline("pp", resolve_model("tiny-gpt2"), st, specs, links, stages=stages).devices[0].comm_s
+
+    # stage 0 sends one message per micro-batch forward (its gradient comes back to it)
+    assert comm(cal.ref_op_probe_s) == pytest.approx(4 * cal.p2p_s, rel=1e-3)
+    assert comm(2 * cal.ref_op_probe_s) == pytest.approx(8 * cal.p2p_s, rel=1e-3)
+
+
 def test_testbed_devices_sharing_cores_run_the_op_probe_slower_in_proportion():
     """Four one-thread testbed devices on two host cores: half the matmul rate and twice
     the op probe's seconds each, as they compute at the same time."""

@@ -7,37 +7,32 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 
 def cpu_quota_cores(root: str = "/") -> Optional[float]:
     """The CPU quota binding this process, in cores (cgroup v1 ``cpu.cfs_quota_us`` /
     ``cpu.cfs_period_us`` or v2 ``cpu.max``, the smallest along the cgroup path), or
     ``None`` when none applies."""
-    from .memory import _cgroup_dirs
+    from .memory import _cgroup_dirs, smallest_along_path
 
-    best = None
-    for version, leaf, top in _cgroup_dirs(root, "cpu"):
-        d, top = os.path.normpath(leaf), os.path.normpath(top)
-        while True:
-            try:
-                if version == "cgroup2":
-                    with open(os.path.join(d, "cpu.max")) as f:
-                        quota, period = f.read().split()[:2]
-                else:
-                    with open(os.path.join(d, "cpu.cfs_quota_us")) as f:
-                        quota = f.read().strip()
-                    with open(os.path.join(d, "cpu.cfs_period_us")) as f:
-                        period = f.read().strip()
-                if quota not in ("max", "-1") and float(period) > 0:
-                    cores = float(quota) / float(period)
-                    best = cores if best is None else min(best, cores)
-            except (OSError, ValueError):
-                pass
-            if d == top or len(d) <= len(top):
-                break
-            d = os.path.dirname(d)
-    return best
+    def reader(version: str) -> Callable[[str], Optional[float]]:
+        def read(d: str) -> Optional[float]:
+            if version == "cgroup2":
+                with open(os.path.join(d, "cpu.max")) as f:
+                    quota, period = f.read().split()[:2]
+            else:
+                with open(os.path.join(d, "cpu.cfs_quota_us")) as f:
+                    quota = f.read().strip()
+                with open(os.path.join(d, "cpu.cfs_period_us")) as f:
+                    period = f.read().strip()
+            if quota in ("max", "-1") or float(period) <= 0:
+                return None
+            return float(quota) / float(period)
+        return read
+
+    found = [smallest_along_path(leaf, top, reader(version)) for version, leaf, top in _cgroup_dirs(root, "cpu")]
+    return min((q for q in found if q is not None), default=None)
 
 
 #: Shortest timed window under a CPU quota: 20 periods of the usual 100 ms.  A 0.3 s
@@ -49,10 +44,10 @@ def cpu_quota_cores(root: str = "/") -> Optional[float]:
 QUOTA_WINDOW_S = 2.0
 
 
-def _window(seconds: float, threads: int) -> float:
-    """The timed window: ``seconds``, or :data:`QUOTA_WINDOW_S` under a binding CPU quota."""
-    q = cpu_quota_cores()
-    return max(seconds, QUOTA_WINDOW_S) if q is not None and q <= threads else seconds
+def timed_window(seconds: float, threads: int, quota: Optional[float]) -> float:
+    """The timed window: ``seconds``, or :data:`QUOTA_WINDOW_S` under a CPU ``quota``
+    (cores) that binds ``threads``."""
+    return max(seconds, QUOTA_WINDOW_S) if quota is not None and quota <= threads else seconds
 
 
 def matmul_gflops(dtype: str = "float32", device: str = "cpu", seconds: float = 0.3,
@@ -73,7 +68,7 @@ def matmul_gflops(dtype: str = "float32", device: str = "cpu", seconds: float = 
     torch.matmul(a, b)  # warm-up: first call allocates and picks kernels
     sync()
     if not device.startswith("cuda"):
-        seconds = _window(seconds, torch.get_num_threads())
+        seconds = timed_window(seconds, torch.get_num_threads(), cpu_quota_cores())
     reps = 0
     t0 = time.perf_counter()
     while True:
@@ -121,7 +116,7 @@ def op_seconds(seconds: float = 0.3) -> float:
             ((u * u).sum() + (p * p).sum() + (h + x).sum()).backward()
 
         once()  # warm-up: the first pass allocates
-        seconds = _window(seconds, 1)
+        seconds = timed_window(seconds, 1, cpu_quota_cores())
         reps = 0
         t0 = time.perf_counter()
         while True:
@@ -134,4 +129,4 @@ def op_seconds(seconds: float = 0.3) -> float:
         torch.set_num_threads(before)
 
 
-__all__ = ["cpu_quota_cores", "matmul_gflops", "op_seconds"]
+__all__ = ["cpu_quota_cores", "matmul_gflops", "op_seconds", "timed_window"]

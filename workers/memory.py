@@ -18,7 +18,7 @@ import os
 import re
 import resource
 import sys
-from typing import Any
+from typing import Any, Callable
 
 ENV_MEM = "EDGETRAIN_EMU_MEM_BYTES"
 #: cgroup v1 reports "no limit" as a huge page-aligned number (PAGE_COUNTER_MAX * page).
@@ -142,24 +142,35 @@ def _cgroup_dirs(root: str, controller: str = "memory") -> list[tuple[str, str, 
     return out
 
 
-def _cgroup_limit(version: str, leaf: str, top: str) -> int | None:
-    # a parent's limit binds its children too: take the smallest along the path
-    name = "memory.max" if version == "cgroup2" else "memory.limit_in_bytes"
+def smallest_along_path(leaf: str, top: str, read: Callable[[str], float | None]) -> float | None:
+    """The smallest of ``read(directory)`` from cgroup ``leaf`` up to the hierarchy's
+    ``top``: a parent's limit binds its children too.  ``read`` returns ``None`` for no
+    limit; a file that cannot be read or parsed counts as none."""
     best = None
-    d = os.path.normpath(leaf)
-    top = os.path.normpath(top)
+    d, top = os.path.normpath(leaf), os.path.normpath(top)
     while True:
         try:
-            with open(os.path.join(d, name)) as f:
-                text = f.read().strip()
-            value = None if text == "max" else int(text)
-            if value is not None and value < _CGROUP1_UNLIMITED:
+            value = read(d)
+            if value is not None:
                 best = value if best is None else min(best, value)
         except (OSError, ValueError):
             pass
         if d == top or len(d) <= len(top):
             return best
         d = os.path.dirname(d)
+
+
+def _cgroup_limit(version: str, leaf: str, top: str) -> int | None:
+    name = "memory.max" if version == "cgroup2" else "memory.limit_in_bytes"
+
+    def read(d: str) -> int | None:
+        with open(os.path.join(d, name)) as f:
+            text = f.read().strip()
+        value = None if text == "max" else int(text)
+        return value if value is not None and value < _CGROUP1_UNLIMITED else None
+
+    best = smallest_along_path(leaf, top, read)
+    return int(best) if best is not None else None
 
 
 def memory_limit_bytes(root: str = "/") -> tuple[int | None, str]:
