@@ -465,10 +465,11 @@ def fit(results: list[dict]) -> None:
 
 
 FP32 = 4
-#: gpt2-s, one thread, CPU time: embeddings + blocks 0-5 take ~0.10 s more per micro-batch
-#: of 8 than blocks 6-11 + head (0.59 vs 0.49 s): the dense 154 MB token-embedding
-#: gradient, allocated and accumulated per micro-batch (``--embed`` re-measures it).
-EMBED_GRAD_S_PER_BYTE = 0.65e-9
+#: gpt2-s, one thread, CPU time: embeddings + blocks 0-5 take ~0.02 s more per micro-batch
+#: of 8 than blocks 6-11 + head (0.822 vs 0.799 s): the dense 154 MB token-embedding
+#: gradient, accumulated per micro-batch (``--embed`` re-measures it).  0.65e-9 while
+#: that gradient was mapped afresh each time (page faults; ``workers.memory.steady_heap``).
+EMBED_GRAD_S_PER_BYTE = 1.46e-10
 
 
 def main() -> None:

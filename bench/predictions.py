@@ -18,7 +18,10 @@ optimizer state and warms the allocator, is left out of both).  Prints each figu
 error, the host's one-thread matmul rate before and after the case (this VM's speed
 drifts by up to 2x within minutes), and last whether all nine are within +-20 %.
 
-    .venv/bin/python bench/predictions.py [--rounds 3]
+    .venv/bin/python bench/predictions.py [--rounds 3] [--cases demo,run,gui]
+
+The GUI case also prints each stage's predicted step and compute time against its measured
+step and CPU seconds per step.
 """
 from __future__ import annotations
 
@@ -85,6 +88,13 @@ def gui_round(home: Path, inventory: Path, settings_args: list[str]) -> tuple[fl
         if state.outcome != "done":
             raise RuntimeError(f"the run from the window: {state.outcome}")
         means = [statistics.mean(d.latencies[1:] or d.latencies) for d in state.devices.values() if d.latencies]
+        pred = {d.name: d for d in window.planner.latest.devices}
+        for d in sorted(state.devices.values(), key=lambda d: d.rank):  # where a gap is: per stage
+            p, cpu = pred.get(d.name), [c for c in d.cpu_times[1:] if c is not None]
+            print(f"    {d.name:8} layers {getattr(p, 'layers', None)!s:9} step predicted "
+                  f"{p.step_s if p else float('nan'):6.2f} s (compute {p.compute_s if p else float('nan'):5.2f}) "
+                  f"measured {statistics.mean(d.latencies[1:] or d.latencies) * settings.batch_size:6.2f} s, "
+                  f"cpu {statistics.mean(cpu) if cpu else float('nan'):5.2f} s", flush=True)
         return predicted * 1e3, max(means) * 1e3
     finally:
         window.close()
@@ -116,7 +126,9 @@ def main() -> int:
     ap.add_argument("--gui-args", default="--model gpt2-s --parallelism pp --steps 8 --batch-size 16 "
                                           "--micro-batches 4", help="settings of the GUI case")
     ap.add_argument("--gui-preset", default="heterogeneous", help="testbed preset of the GUI case")
+    ap.add_argument("--cases", default="demo,run,gui", help="which of demo, run, gui to measure")
     args = ap.parse_args()
+    cases = set(args.cases.split(","))
     home = Path(tempfile.mkdtemp(prefix="edgetrain-predictions-"))
     tb = home / "tb"
     base = "127.0.52.1"
@@ -136,16 +148,20 @@ def main() -> int:
         for rnd in range(1, args.rounds + 1):
             t0 = time.monotonic()
             speeds = [host_gflops()]
-            demo = cli(home, "demo", "--base-addr", "127.0.53.1", "--port", "2222", "--no-export")
-            rows.append((rnd, "demo", *from_line(demo, "demo")))
-            speeds.append(host_gflops())
-            run = cli(home, "run", "--inventory", str(tb / "inventory.yaml"), "--no-export",
-                      *shlex.split(args.run_args))
-            rows.append((rnd, "run", *from_line(run, "edgetrain run")))
-            speeds.append(host_gflops())
-            rows.append((rnd, "gui", *gui_round(home, gui_tb / "inventory.yaml", shlex.split(args.gui_args))))
-            speeds.append(host_gflops())
-            for i, r in enumerate(rows[-3:]):
+            done = len(rows)
+            if "demo" in cases:
+                demo = cli(home, "demo", "--base-addr", "127.0.53.1", "--port", "2222", "--no-export")
+                rows.append((rnd, "demo", *from_line(demo, "demo")))
+                speeds.append(host_gflops())
+            if "run" in cases:
+                run = cli(home, "run", "--inventory", str(tb / "inventory.yaml"), "--no-export",
+                          *shlex.split(args.run_args))
+                rows.append((rnd, "run", *from_line(run, "edgetrain run")))
+                speeds.append(host_gflops())
+            if "gui" in cases:
+                rows.append((rnd, "gui", *gui_round(home, gui_tb / "inventory.yaml", shlex.split(args.gui_args))))
+                speeds.append(host_gflops())
+            for i, r in enumerate(rows[done:]):
                 print(f"round {r[0]}  {r[1]:<5} predicted {r[2]:8.3f} ms/sample  measured {r[3]:8.3f}  "
                       f"{(r[3] - r[2]) / r[2]:+6.0%}   host {speeds[i]:4.0f} -> {speeds[i + 1]:4.0f} GFLOP/s",
                       flush=True)
