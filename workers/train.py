@@ -93,8 +93,7 @@ def _cap_cuda_memory(torch, device) -> None:
 def run(cfg, rank: int, emitter, run_flags=None) -> int:
     """Train per ``cfg`` as ``rank``; returns the exit code.  Imports torch lazily so
     the ``hello`` line goes out before the slow imports."""
-    from .memory import (PeakTracker, is_oom_error, memory_limit_bytes, release_freed_memory, rss_bytes,
-                         tune_allocator)
+    from .memory import PeakTracker, is_oom_error, memory_limit_bytes, release_freed_memory, rss_bytes, tune_allocator
 
     limit, limit_src = memory_limit_bytes()
     tune_allocator()  # before the first tensor
