@@ -26,6 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+if "--tuned" in sys.argv[1:]:  # the worker's allocator settings take effect only before torch loads
+    from workers.memory import tune_allocator  # noqa: E402
+    tune_allocator()
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -45,9 +48,6 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--tuned", action="store_true", help="fused AdamW and the worker's allocator settings")
     args = ap.parse_args()
-    if args.tuned:
-        from workers.memory import tune_allocator
-        tune_allocator()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -95,12 +95,12 @@ def child(spec: dict) -> dict:
     """One configuration in this process (see module doc)."""
     from dataclasses import replace
 
+    from workers.memory import tune_allocator
+    tune_allocator()  # as a worker does (workers/train.py), before torch loads
+
     import torch
     torch.set_num_threads(spec["threads"])
     import torch.nn.functional as F
-
-    from workers.memory import tune_allocator
-    tune_allocator()  # as a worker does (workers/train.py)
 
     from workers import dist as edist
     from workers import engine
@@ -166,11 +166,11 @@ def child(spec: dict) -> dict:
 def pipeline_child(spec: dict) -> dict:
     """Rank ``spec["rank"]`` of a 2-stage pipeline (the worker's PP trainer, gloo): CPU and
     wall seconds of each step."""
+    from workers.memory import tune_allocator
+    tune_allocator()  # before torch loads, as a worker does
+
     import torch
     torch.set_num_threads(1)
-
-    from workers.memory import tune_allocator
-    tune_allocator()
 
     from workers import dist as edist
     from workers import engine
@@ -465,11 +465,10 @@ def fit(results: list[dict]) -> None:
 
 
 FP32 = 4
-#: gpt2-s, one thread, CPU time: embeddings + blocks 0-5 take ~0.02 s more per micro-batch
-#: of 8 than blocks 6-11 + head (0.822 vs 0.799 s): the dense 154 MB token-embedding
-#: gradient, accumulated per micro-batch (``--embed`` re-measures it).  0.65e-9 while
-#: that gradient was mapped afresh each time (page faults; ``workers.memory.steady_heap``).
-EMBED_GRAD_S_PER_BYTE = 1.46e-10
+#: gpt2-s, one thread, CPU time: embeddings + blocks 0-5 take ~0.10 s more per micro-batch
+#: of 8 than blocks 6-11 + head (0.59 vs 0.49 s): the dense 154 MB token-embedding
+#: gradient, allocated and accumulated per micro-batch (``--embed`` re-measures it).
+EMBED_GRAD_S_PER_BYTE = 0.65e-9
 
 
 def main() -> None:

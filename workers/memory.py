@@ -280,38 +280,45 @@ def _mallopt(param: int, value: int) -> bool:
 
 
 _libc = None
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc mallopt parameters
-#: Free heap top kept resident under :func:`steady_heap`: above the largest tensor a step
-#: frees and makes again (GPT-2 XL's dense token-embedding gradient is 321 MB).
-STEADY_TRIM_THRESHOLD = 1 << 30
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+#: The ceilings glibc's own adjustment of its thresholds reaches on 64-bit (mmap 32 MiB,
+#: trim twice that): :func:`steady_heap` sets them from the start.
+STEADY_MMAP_THRESHOLD = 32 << 20
+STEADY_TRIM_THRESHOLD = 64 << 20
 
 
-def steady_heap(trim_threshold: int = STEADY_TRIM_THRESHOLD) -> bool:
+def steady_heap(mmap_threshold: int = STEADY_MMAP_THRESHOLD, trim_threshold: int = STEADY_TRIM_THRESHOLD) -> bool:
     """Let one training step's freed tensors serve the next step's (glibc).
 
-    glibc serves blocks above its mmap threshold (128 KiB at start, raised by large
-    frees up to 32 MiB, which is also the most ``mallopt`` accepts) with their own
-    mapping, unmapped on free, and trims the heap's free top back to the OS past a
-    threshold.  A step's large tensors then come back as fresh pages every step, each
-    zero-filled by the kernel on first touch: in a worker ~7,000 faults (28 MiB) per
-    tiny-gpt2 step, 8-15 % slower than a bare torchrun script (``bench/overhead.py``);
-    in a gpt2-s embedding stage the dense 154 MB token-embedding gradient of every
-    micro-batch, 150,000 faults per step and 40 % of the stage's CPU time (more under a
-    board's memory cgroup and CPU quota).  So no block gets its own mapping (``M_MMAP_MAX``
-    0) and the free top stays up to ``trim_threshold``: steps fault almost nothing.  A
-    step's peak does not grow (the next step reuses the kept blocks); between steps the
-    freed memory stays resident, and a phase whose peak exceeds the steps' (building,
-    loading) gives its surplus back with :func:`release_freed_memory`.  Call before the
+    glibc starts with tensors above 128 KiB in their own mmap and a heap trimmed back to
+    the OS whenever its free top passes a threshold; it raises both only as large blocks
+    get freed, so how far they rise depends on the process's history.  In a worker (a
+    model built in parts, several gloo groups) they stayed low: each step gave its
+    activations back and the kernel zeroed them again at the next, ~7,000 page faults
+    (28 MiB) per tiny-gpt2 step, 8-15 % slower than the same step in a bare torchrun
+    script (``bench/overhead.py``).  Set at the ceilings glibc would reach by itself, steps
+    fault nothing.  A step's peak does not grow (the next step reuses the kept blocks);
+    between steps up to ``trim_threshold`` of free heap stays resident.  Call before the
     first large allocation; a worker calls it through :func:`tune_allocator`, which uses
-    :func:`unmap_large_frees` instead under an address-space cap.  Returns whether the
-    settings could be made (glibc only).
+    :func:`unmap_large_frees` instead under an address-space cap.  Returns whether both could be set (glibc only).
+
+    Blocks above 32 MiB (the most glibc's threshold accepts) still get their own mapping,
+    faulted in afresh each time: the dense token-embedding gradient of every micro-batch
+    (154 MB for gpt2-s, 40 % of its embedding stage's CPU).  Two ways around it were
+    measured and not kept (``bench/RESULTS.md``, "Large blocks"): no mappings at all
+    (``M_MMAP_MAX`` 0) removed the faults but fragmented the heap, a GPT2-L embedding
+    stage peaking 0.8 GiB higher on a 4 GiB board; torch's huge-page allocation
+    (``THP_MEM_ALLOC_ENABLE``) also aligns every tensor from 2 MiB in the heap, +15-28 %
+    peak RSS on mid-size models.  Memory is what edge boards run out of first.
 
     Parameters
     ----------
+    mmap_threshold
+        Allocations from this size on get their own mapping (returned on free).
     trim_threshold
         Free heap top kept before it is returned to the OS.
     """
-    return _mallopt(_M_MMAP_MAX, 0) and _mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+    return _mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and _mallopt(_M_TRIM_THRESHOLD, trim_threshold)
 
 
 def unmap_large_frees(threshold: int = 1 << 20) -> bool:

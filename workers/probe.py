@@ -44,7 +44,7 @@ from typing import Any, Dict, List, Optional
 
 from .compute_probe import matmul_gflops, op_seconds
 
-PROBE_VERSION = 3  # 2: op_probe_s; 3: under steady_heap without per-block mmaps
+PROBE_VERSION = 2  # 2: op_probe_s
 _CHUNK = 1 << 16
 
 

@@ -135,7 +135,7 @@ def run(cfg, rank: int, emitter, run_flags=None) -> int:
                                     cfg.seed, tokenizer_dir=cfg.tokenizer)
         data, eval_data = split_eval(data, cfg.seed)  # held out: never trained on
         trainer = run_flags.trainer = engine.build(cfg, rank, model, device)
-        release_freed_memory()  # building's temporaries: the heap keeps what it frees (steady_heap)
+        release_freed_memory()  # building's freed temporaries (glibc keeps up to its trim threshold)
         tracker.sample()
         meter = select_meter(cfg.device, cuda_index=device.index or 0,
                              p_idle_w=cfg.power.get("p_idle_w") or _env_float("EDGETRAIN_EMU_P_IDLE_W"),

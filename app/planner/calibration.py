@@ -17,9 +17,9 @@ class Calibration:
     """Constants of the cost model, measured on the calibration host.
 
     The time terms are the 2026-12-04 fit (``bench/plan_calibrate.py``,
-    ``bench/data/plan_calibration_2026-12-04-heap.json``: 17 configurations, one rank with
-    the worker's allocator settings, large blocks kept in the heap, and fused AdamW) in
-    seconds on that host: an AMD EPYC at 95 GFLOP/s per thread whose op probe read 3.26 ms.  A device runs the fixed
+    ``bench/data/plan_calibration_2026-12-04.json``: 17 configurations, one rank with the
+    worker's allocator settings and fused AdamW) in seconds on that host: an AMD EPYC at
+    95 GFLOP/s per thread whose op probe read 3.41 ms.  A device runs the fixed
     (non-matmul) terms :func:`slowness` times slower: its op probe against
     ``ref_op_probe_s``, else its per-thread matmul rate against ``ref_core_gflops``.
     The Intel host of the earlier calibrations ran the same non-matmul work 2x slower at
@@ -41,8 +41,7 @@ class Calibration:
     embed_grad_s_per_byte
         The token-embedding gradient is dense (vocab x width): allocated and
         accumulated on every micro-step that runs the embeddings.  Measured apart
-        (``bench/plan_calibrate.py --embed``: gpt2-s stage with vs without embeddings);
-        4.4x less than while that gradient was mapped afresh per micro-step.
+        (``bench/plan_calibrate.py --embed``: gpt2-s stage with vs without embeddings).
     tp_module_s
         DTensor dispatch per tensor-parallel linear per step (forward + backward),
         from the quiet-host accuracy runs of the tiny presets (``bench/RESULTS.md``):
@@ -90,18 +89,17 @@ class Calibration:
         Fixed CPU cost of one point-to-point message in a pipeline schedule (gloo
         send/recv and the schedule's bookkeeping) on top of the link's latency, on the
         calibration host (:func:`slowness` scales it): ``bench/plan_calibrate.py
-        --pipeline``, tiny-gpt2 in 2 stages with 1-16 micro-batches (0.56-1.0 ms over
-        three fits; 0.84 ms in the latest).
+        --pipeline``, tiny-gpt2 in 2 stages with 1-16 micro-batches (1.0 ms).
     """
 
-    matmul_efficiency: float = 0.963
-    act_s_per_byte: float = 6.66e-10
+    matmul_efficiency: float = 0.934
+    act_s_per_byte: float = 6.83e-10
     block_s: float = 0.0
-    step_s: float = 2.55e-3
-    embed_grad_s_per_byte: float = 1.46e-10
+    step_s: float = 1.05e-3
+    embed_grad_s_per_byte: float = 6.4e-10
     tp_module_s: float = 1.8e-3
-    opt_s_per_param: float = 6.14e-10
-    opt_s_per_tensor: float = 1.45e-5
+    opt_s_per_param: float = 7.21e-10
+    opt_s_per_tensor: float = 1.4e-5
     ref_core_gflops: float = 95.0
     runtime_rss_bytes: int = 340 * MIB
     runtime_file_bytes: int = 96 * MIB
@@ -113,8 +111,8 @@ class Calibration:
     virtual_load_base_bytes: int = 418 * MIB
     virtual_load_per_thread_bytes: int = 48 * MIB
     virtual_store_bytes: int = 64 * MIB
-    p2p_s: float = 0.84e-3
-    ref_op_probe_s: float | None = 3.26e-3
+    p2p_s: float = 1.0e-3
+    ref_op_probe_s: float | None = 3.41e-3
 
 
 CALIBRATION = Calibration()
