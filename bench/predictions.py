@@ -94,19 +94,26 @@ def gui_round(home: Path, inventory: Path, settings_args: list[str]) -> tuple[fl
         measured = state.summary()["latency_per_sample_s"]
         means = [statistics.mean(d.latencies[1:] or d.latencies) for d in state.devices.values() if d.latencies]
         print(f"    measured: median {measured * 1e3:.1f} ms/sample (mean {max(means) * 1e3:.1f})", flush=True)
-        pred = {d.name: d for d in window.planner.latest.devices}
-        for d in sorted(state.devices.values(), key=lambda d: d.rank):  # where a gap is: per stage
-            p, cpu = pred.get(d.name), [c for c in d.cpu_times[1:] if c is not None]
-            print(f"    {d.name:8} layers {getattr(p, 'layers', None)!s:9} step predicted "
-                  f"{p.step_s if p else float('nan'):6.2f} s (compute {p.compute_s if p else float('nan'):5.2f}) "
-                  f"measured {statistics.mean(d.latencies[1:] or d.latencies) * settings.batch_size:6.2f} s, "
-                  f"cpu {statistics.mean(cpu) if cpu else float('nan'):5.2f} s; steps "
-                  f"{' '.join(f'{x * settings.batch_size:.1f}' for x in d.latencies)}", flush=True)
+        print_stages(state, window.planner.latest, settings.batch_size)
         return predicted * 1e3, measured * 1e3
     finally:
         window.close()
         window.deleteLater()
         app.processEvents()
+
+
+def print_stages(state, preview, batch: int) -> None:
+    """Each stage's predicted step and compute seconds against its measured mean step
+    (after the first) and CPU seconds per step, and its steps: where a gap is."""
+    pred = {d.name: d for d in preview.devices}
+    nan = float("nan")
+    for d in sorted(state.devices.values(), key=lambda d: d.rank):
+        p, cpu = pred.get(d.name), [c for c in d.cpu_times[1:] if c is not None]
+        print(f"    {d.name:8} layers {getattr(p, 'layers', None)!s:9} step predicted "
+              f"{p.step_s if p else nan:6.2f} s (compute {p.compute_s if p else nan:5.2f}) "
+              f"measured {statistics.mean(d.latencies[1:] or d.latencies) * batch:6.2f} s, "
+              f"cpu {statistics.mean(cpu) if cpu else nan:5.2f} s; steps "
+              f"{' '.join(f'{x * batch:.1f}' for x in d.latencies)}", flush=True)
 
 
 def host_gflops() -> float:

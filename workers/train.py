@@ -93,7 +93,7 @@ def _cap_cuda_memory(torch, device) -> None:
 def run(cfg, rank: int, emitter, run_flags=None) -> int:
     """Train per ``cfg`` as ``rank``; returns the exit code.  Imports torch lazily so
     the ``hello`` line goes out before the slow imports."""
-    from .memory import PeakTracker, is_oom_error, memory_limit_bytes, release_freed_memory, rss_bytes, tune_allocator
+    from .memory import PeakTracker, is_oom_error, memory_limit_bytes, rss_bytes, tune_allocator
 
     limit, limit_src = memory_limit_bytes()
     tune_allocator()  # before the first tensor
@@ -135,7 +135,6 @@ def run(cfg, rank: int, emitter, run_flags=None) -> int:
                                     cfg.seed, tokenizer_dir=cfg.tokenizer)
         data, eval_data = split_eval(data, cfg.seed)  # held out: never trained on
         trainer = run_flags.trainer = engine.build(cfg, rank, model, device)
-        release_freed_memory()  # building's freed temporaries (glibc keeps up to its trim threshold)
         tracker.sample()
         meter = select_meter(cfg.device, cuda_index=device.index or 0,
                              p_idle_w=cfg.power.get("p_idle_w") or _env_float("EDGETRAIN_EMU_P_IDLE_W"),
@@ -148,8 +147,6 @@ def run(cfg, rank: int, emitter, run_flags=None) -> int:
                      energy_source=meter.source, energy_method=meter.method)
         loop = TrainingLoop(cfg, rank, trainer, data, eval_data, emitter, meter, tracker, run_flags, _peak)
         start = loop.resume() if cfg.resume_from else 0
-        if start:
-            release_freed_memory()  # the checkpoint's read buffers
         t_start = time.perf_counter()
         code = loop.run(start)
         if code is not None:
