@@ -326,7 +326,9 @@ def embed_cost() -> None:
     m = build_model("gpt2-s")
     ids = torch.randint(4, 1000, (32, 32))
 
-    def stage(first: bool) -> float:
+    from workers.engine import densify_grads, sparse_embedding_grads
+
+    def stage(first: bool, tables: list | None = None) -> float:
         for p in m.parameters():
             p.grad = None
         c0 = time.process_time()
@@ -341,13 +343,19 @@ def embed_cost() -> None:
                 for b in m.blocks[6:]:
                     h = b(h)
                 m.head(h).sum().backward()
+        if tables:
+            densify_grads(tables)  # as a pipeline stage does before its optimizer
         return (time.process_time() - c0) / 4
 
     t0 = min(stage(True) for _ in range(3))
     t1 = min(stage(False) for _ in range(3))
     emb = m.preset.vocab_size * m.preset.hidden * 4
     print(f"per micro-batch: embed+blocks 0-5 {t0:.3f} s, blocks 6-11+head {t1:.3f} s -> "
-          f"{(t0 - t1) / emb:.3g} s per byte of the embedding gradient")
+          f"{(t0 - t1) / emb:.3g} s per byte of the embedding gradient (embed_grad_s_per_byte)")
+    tables = sparse_embedding_grads(m)  # a pipeline stage's way: sparse, dense once per step
+    ts = min(stage(True, tables) for _ in range(3))
+    print(f"sparse, made dense once per 4 micro-batches: embed+blocks 0-5 {ts:.3f} s per micro-batch -> "
+          f"{4 * (ts - t1) / emb:.3g} s per byte per step (embed_densify_s_per_byte)")
 
 
 def overhead() -> None:

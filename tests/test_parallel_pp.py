@@ -231,3 +231,37 @@ def test_build_checks_before_communicating() -> None:
     ok = make_cfg("pp", 2, stages=_st(([0], 0, 2), ([1], 2, 4)))
     with pytest.raises(ValueError, match=r"needs model parts \[0, 1, 'embed'\]"):
         pp.build(ok, 0, partial, cpu)
+
+
+def test_embedding_stage_accumulates_sparse_gradients() -> None:
+    """The embedding tables of a stage take sparse gradients over the micro-batches
+    (no dense vocab x width tensor per micro-batch) and are dense, equal to the dense
+    path's sum, once :func:`densify_grads` has run before the optimizer."""
+    from workers.engine import densify_grads, sparse_embedding_grads
+    from workers.models import build_model
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (4, 2, 16))
+    grads = {}
+    for sparse in (False, True):
+        torch.manual_seed(1)
+        model = build_model("tiny-gpt2", parts=["embed", 0])
+        model.eval()  # no dropout: both passes compute the same values
+        tables = sparse_embedding_grads(model) if sparse else []
+        for mb in ids:
+            model.blocks[0](model.embed(mb)).pow(2).mean().backward()
+        wte = model.embed.wte.weight
+        if sparse:
+            assert {id(t) for t in tables} == {id(wte), id(model.embed.wpe.weight)}
+            assert wte.grad.is_sparse  # accumulated as looked-up rows only
+            densify_grads(tables)
+        assert not wte.grad.is_sparse
+        grads[sparse] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys()
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, rtol=1e-5, atol=1e-7, msg=name)
+    # the rows no micro-batch looked up have no gradient at all
+    wte_name = next(n for n, g in grads[True].items() if g.shape[0] == model.embed.wte.num_embeddings)
+    unused = torch.ones(model.embed.wte.num_embeddings, dtype=torch.bool)
+    unused[ids.unique()] = False
+    assert grads[True][wte_name][unused].abs().max() == 0 < grads[True][wte_name].abs().max()

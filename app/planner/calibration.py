@@ -42,6 +42,12 @@ class Calibration:
         The token-embedding gradient is dense (vocab x width): allocated and
         accumulated on every micro-step that runs the embeddings.  Measured apart
         (``bench/plan_calibrate.py --embed``: gpt2-s stage with vs without embeddings).
+    embed_densify_s_per_byte
+        A pipeline's embedding stage takes sparse gradients (only the rows looked up,
+        ``workers.engine.sparse_embedding_grads``) and makes the dense one once per step,
+        before the optimizer: allocated, zeroed and filled.  ``--embed`` measures it
+        beside the dense path (gpt2-s, 4 micro-batches: 0.082 s per step against 0.098 s
+        per micro-batch dense).
     tp_module_s
         DTensor dispatch per tensor-parallel linear per step (forward + backward),
         from the quiet-host accuracy runs of the tiny presets (``bench/RESULTS.md``):
@@ -97,6 +103,7 @@ class Calibration:
     block_s: float = 0.0
     step_s: float = 1.05e-3
     embed_grad_s_per_byte: float = 6.4e-10
+    embed_densify_s_per_byte: float = 5.3e-10
     tp_module_s: float = 1.8e-3
     opt_s_per_param: float = 7.21e-10
     opt_s_per_tensor: float = 1.4e-5

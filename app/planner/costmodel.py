@@ -11,6 +11,7 @@ gloo group with the DP trainer: DDP + AdamW; see :data:`CALIBRATION` for the num
 
     compute   = FLOPs / (eff * G) + (k_act * activation bytes + k_block * block passes
                 + k_step * micro-steps + k_embed * embedding-gradient bytes
+                + k_densify * sparse-to-dense embedding-gradient bytes
                 + k_tp * tensor-parallel linears) * slowness
     optimizer = (k_opt * params + k_tensor * tensors) * slowness, every k steps
     RSS       = runtime + first-step runtime + weights + grads + 2 x AdamW state
@@ -218,7 +219,11 @@ class RankLoad:
     flops_per_step
         Forward + backward FLOPs per step.
     embed_grad_bytes
-        Bytes of the dense token-embedding gradient per micro-step (embedding holders).
+        Bytes of the dense token-embedding gradient (embedding holders): made per
+        micro-step, or once per step from sparse pieces where ``sparse_embed``.
+    sparse_embed
+        The embedding tables take sparse gradients, made dense once per step (pipeline
+        stages, ``workers.engine.sparse_embedding_grads``).
     tp_modules
         Tensor-parallel linears this rank runs per step.
     block_passes, micro_steps
@@ -252,6 +257,7 @@ class RankLoad:
     family: str = "gpt2"
     flops_per_step: float = 0.0
     embed_grad_bytes: float = 0.0
+    sparse_embed: bool = False
     tp_modules: int = 0
     block_passes: float = 0.0
     micro_steps: float = 1.0
@@ -299,15 +305,22 @@ class RankCost:
 
 def compute_seconds(spec: DeviceSpec, flops: float, act_bytes: float, block_passes: float,
                     micro_steps: float, cal: Calibration = CALIBRATION, embed_bytes: float = 0.0,
-                    tp_modules: int = 0) -> float:
+                    tp_modules: int = 0, densify_bytes: float = 0.0) -> float:
     """Forward + backward time of some work on ``spec`` (see the module formula).
 
-    ``embed_bytes`` is the embedding gradient summed over the micro-steps.
+    ``embed_bytes`` is the dense embedding gradient summed over the micro-steps;
+    ``densify_bytes`` the dense gradients made from sparse ones (once per step).
     """
     slow = slowness(spec, cal)
     return (flops / (cal.matmul_efficiency * spec.gflops * 1e9)
             + (cal.act_s_per_byte * act_bytes + cal.block_s * block_passes + cal.step_s * micro_steps
-               + cal.embed_grad_s_per_byte * embed_bytes + cal.tp_module_s * tp_modules) * slow)
+               + cal.embed_grad_s_per_byte * embed_bytes + cal.embed_densify_s_per_byte * densify_bytes
+               + cal.tp_module_s * tp_modules) * slow)
+
+
+def densify_seconds(spec: DeviceSpec, nbytes: float, cal: Calibration = CALIBRATION) -> float:
+    """Making ``nbytes`` of dense embedding gradient from its sparse pieces, once per step."""
+    return cal.embed_densify_s_per_byte * nbytes * slowness(spec, cal)
 
 
 def optimizer_seconds(spec: DeviceSpec, params: int, n_tensors: int, cal: Calibration = CALIBRATION,
@@ -358,8 +371,10 @@ def rank_cost(load: RankLoad, spec: DeviceSpec, cal: Calibration = CALIBRATION) 
                  "optimizer": rss["optimizer"]}
     first_virtual = {"forward": first_rss["forward"] + vload + (bucket if load.ddp else 0.0),
                      "backward": first_rss["backward"] + vextra, "optimizer": first_rss["optimizer"] + vextra}
+    dense_embed = 0.0 if load.sparse_embed else load.embed_grad_bytes * load.micro_steps
     compute = compute_seconds(spec, load.flops_per_step, load.act_bytes_per_step, load.block_passes,
-                              load.micro_steps, cal, load.embed_grad_bytes * load.micro_steps, load.tp_modules)
+                              load.micro_steps, cal, dense_embed, load.tp_modules,
+                              load.embed_grad_bytes if load.sparse_embed else 0.0)
     opt_s = optimizer_seconds(spec, load.params, load.n_tensors, cal, opt) / max(1, load.opt_every)
     return RankCost(rss=rss, virtual=virtual, compute_s=compute, optimizer_s=opt_s, first_rss=first_rss,
                     first_virtual=first_virtual, reclaimable=float(cal.runtime_file_bytes))

@@ -68,8 +68,14 @@ class _Pipeline:
 
     def _mb_compute(self, spec: DeviceSpec, nb: int, first: bool, last: bool) -> float:
         produced = knobs.activation_bytes(self.shape, self.st, self.tokens_mb, nb, first, last)[2]
-        return cm.compute_seconds(spec, self._flops_mb(nb, first, last), produced, nb, 1, self.cal,
-                                  embed_bytes(self.shape) if first else 0.0)
+        # the embedding stage's sparse gradient costs nothing per micro-batch worth
+        # modelling; it is made dense once per step (``densify_s``)
+        return cm.compute_seconds(spec, self._flops_mb(nb, first, last), produced, nb, 1, self.cal)
+
+    def densify_s(self) -> float:
+        """The embedding stage's dense gradient, made from its sparse pieces after its
+        last backward (slowest replica): nothing overlaps it."""
+        return max(cm.densify_seconds(spec, embed_bytes(self.shape), self.cal) for spec in self.groups[0])
 
     def _flops_mb(self, nb: int, first: bool, last: bool) -> float:
         sh = self.shape
@@ -108,7 +114,7 @@ class _Pipeline:
                         # every micro-batch in flight keeps its part; a recompute is one at a time
                         saved_act_bytes=kept * self.in_flight(s) + transient, act_bytes_per_step=produced * self.m,
                         family=sh.family, flops_per_step=flops_mb * self.m, block_passes=nb * self.m,
-                        embed_grad_bytes=embed_bytes(sh) if first else 0.0,
+                        embed_grad_bytes=embed_bytes(sh) if first else 0.0, sparse_embed=True,
                         micro_steps=self.m, peers=self.peers,
                         store=s == 0 and replica == 0 and self.peers > 0,
                         **weights_and_state(sh, self.st, params, nb, first, last))
@@ -221,7 +227,8 @@ def _pipeline_eval(par: str, pipe: _Pipeline, part: Partition, ranks: list[list[
                 add_link_bytes(link_bytes, names[a], names[b], m * pipe.msg)
                 add_link_bytes(link_bytes, names[b], names[a], m * pipe.msg)
     opt_s = max(c.optimizer_s for c in costs.values())
-    step = pipe_s + max(sync_s.values()) + opt_s
+    densify = pipe.densify_s()
+    step = pipe_s + densify + max(sync_s.values()) + opt_s
     devices = []
     for s, (a, b) in enumerate(part.ranges):
         p2p = m * (pipe.p2p_one(s, s + 1) + pipe.p2p_one(s, s - 1))
@@ -240,7 +247,7 @@ def _pipeline_eval(par: str, pipe: _Pipeline, part: Partition, ranks: list[list[
     return Evaluation(
         par, True, order=names, devices=devices, step_s=step,
         stages=[{"ranks": list(ranks[s]), "layers": [a, b]} for s, (a, b) in enumerate(part.ranges)],
-        parts={"compute_s": crit_compute, "optimizer_s": opt_s, "comm_s": comm_crit,
+        parts={"compute_s": crit_compute + densify, "optimizer_s": opt_s, "comm_s": comm_crit,
                "bubble_s": max(0.0, pipe_s - crit_compute)},
         link_bytes=link_bytes, slowest_link=(slow[0], slow[1], links.mbps(*slow)) if slow else None,
         critical=specs[ranks[crit_s][0]].name, reason="" if part.feasible else "no split fits every device's memory")

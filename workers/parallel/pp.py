@@ -44,7 +44,16 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from ..config import JobConfig
-from ..engine import EvalCounts, StepResult, Trainer, autocast, eval_counts, make_optimizer
+from ..engine import (
+    EvalCounts,
+    StepResult,
+    Trainer,
+    autocast,
+    densify_grads,
+    eval_counts,
+    make_optimizer,
+    sparse_embedding_grads,
+)
 
 _SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -209,6 +218,8 @@ class PipelineParallel(Trainer):
         self.schedule = _SCHEDULES[cfg.schedule](self.stage, cfg.micro_batches, loss_fn=self._loss,
                                                  scale_grads=False)
         self.opt = make_optimizer(self.module.parameters(), cfg)
+        # no DDP here: the embedding stage's tables can take sparse gradients
+        self._sparse = sparse_embedding_grads(self.module)
 
     # ---------------------------------------------------------------- hooks
 
@@ -259,6 +270,7 @@ class PipelineParallel(Trainer):
         target = y if self.lay.last else None
         self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
         loss_sum = torch.stack([l.detach() for l in losses]).sum() if self.lay.last else None
+        densify_grads(self._sparse)
         loss, comm_s = self._sync(loss_sum)
         self.phase = "optimizer"
         self.opt.step()
