@@ -303,8 +303,10 @@ def steady_heap(mmap_threshold: int = STEADY_MMAP_THRESHOLD, trim_threshold: int
     :func:`unmap_large_frees` instead under an address-space cap.  Returns whether both could be set (glibc only).
 
     Blocks above 32 MiB (the most glibc's threshold accepts) still get their own mapping,
-    faulted in afresh each time: the dense token-embedding gradient of every micro-batch
-    (154 MB for gpt2-s, 40 % of its embedding stage's CPU).  Two ways around it were
+    faulted in afresh each time.  The largest one a step made again and again, the dense
+    token-embedding gradient of every micro-batch (154 MB for gpt2-s, 40 % of a pipeline
+    embedding stage's CPU), is gone at its source: pipeline stages take sparse embedding
+    gradients (``workers.engine.sparse_embedding_grads``).  Two allocator-side fixes were
     measured and not kept (``bench/RESULTS.md``, "Large blocks"): no mappings at all
     (``M_MMAP_MAX`` 0) removed the faults but fragmented the heap, a GPT2-L embedding
     stage peaking 0.8 GiB higher on a 4 GiB board; torch's huge-page allocation
