@@ -85,7 +85,9 @@ async def case(tb: Testbed, tmp: Path, name: str, steps: int) -> bool:
 
 async def main_async(args) -> bool:
     ok = True
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or scratch  # --keep: the run records (telemetry, summary) stay there
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         async with Testbed(Path(tmp) / "tb", preset="homogeneous", port=0, base_addr="127.0.32.1") as tb:
             print("testbed: " + ", ".join(f"{d.name} {d.mem_bytes / GIB:.0f} GiB {d.mem_cap}"
                                           f"{f' cpu {d.cpu_share:.2f}' if d.cpu_share else ''}" for d in tb.devices))
@@ -98,6 +100,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--only", default="single,dp,sp,pp,tp")
+    ap.add_argument("--keep", help="keep the testbed and run records in this directory")
     ok = asyncio.run(main_async(ap.parse_args()))
     print("OK" if ok else "FAILED")
     return 0 if ok else 1

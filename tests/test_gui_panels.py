@@ -162,10 +162,10 @@ def test_plan_preview_follows_reorder(qtbot, tmp_path):
 
 
 def test_auto_arrange_is_one_undoable_command(qtbot, tmp_path):
-    # The slowest board (a Nano: one thread, 4 GiB) holds stage 1 and a TX2 the last stage:
-    # the planner predicts another order to be more than 5% faster for pp over > 2 devices
+    # The slowest board (a Nano: one thread, 4 GiB) holds the second stage (index 1) and a
+    # TX2 the last: the planner predicts another order to be more than 5% faster for pp over > 2 devices
     # (make_plan's proposal rule), so Auto-arrange has a real reordering to apply.
-    inv = write_inventory(tmp_path / "inv.yaml", 4, presets=["jetson-nano", "laptop", "laptop", "jetson-tx2"])
+    inv = write_inventory(tmp_path / "inv.yaml", 4, presets=["laptop", "jetson-nano", "laptop", "jetson-tx2"])
     w = open_window(qtbot, tmp_path, inv)
     s = w.run_config.settings()
     s.model, s.parallelism = "distilbert", "pp"
