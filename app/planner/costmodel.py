@@ -314,8 +314,8 @@ def compute_seconds(spec: DeviceSpec, flops: float, act_bytes: float, block_pass
     slow = slowness(spec, cal)
     return (flops / (cal.matmul_efficiency * spec.gflops * 1e9)
             + (cal.act_s_per_byte * act_bytes + cal.block_s * block_passes + cal.step_s * micro_steps
-               + cal.embed_grad_s_per_byte * embed_bytes + cal.embed_densify_s_per_byte * densify_bytes
-               + cal.tp_module_s * tp_modules) * slow)
+               + cal.embed_grad_s_per_byte * embed_bytes + cal.tp_module_s * tp_modules) * slow
+            + densify_seconds(spec, densify_bytes, cal))
 
 
 def densify_seconds(spec: DeviceSpec, nbytes: float, cal: Calibration = CALIBRATION) -> float:
