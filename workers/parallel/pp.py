@@ -215,6 +215,9 @@ class PipelineParallel(Trainer):
         self.stage.stage_index_to_group_rank = {
             i: dist.get_group_rank(pg, r) for i, r in enumerate(lay.pipeline_ranks(lay.replica))}
         self._scale = 1.0
+        # this step's micro-batch losses, and how many have had their backward (see _set_phase)
+        self._mb_losses: list[torch.Tensor] = []
+        self._losses_freed = self._backwards = 0
         self.schedule = _SCHEDULES[cfg.schedule](self.stage, cfg.micro_batches, loss_fn=self._loss,
                                                  scale_grads=False)
         self.opt = make_optimizer(self.module.parameters(), cfg)
@@ -237,11 +240,24 @@ class PipelineParallel(Trainer):
 
     def _set_phase(self, phase: str) -> None:
         self.phase = phase
+        if phase == "backward" and self.lay.last:
+            # A micro-batch's backward starts: the ones before it are done.  The schedule
+            # keeps every micro-batch's loss until the step ends, and with it that
+            # micro-batch's autograd graph (its nodes, not its activations), which pins
+            # the heap between later micro-batches' activations: the last stage kept
+            # ~7-16 MB of freed heap per micro-batch (``bench/pp_stage_memory.py``).
+            # Detached, each graph goes as soon as its backward is done.
+            for loss in self._mb_losses[self._losses_freed:self._backwards]:
+                loss.detach_()
+            self._losses_freed = self._backwards
+            self._backwards += 1
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # Summed over the micro-batch, divided by the *global* batch: the schedule's
         # sum over micro-batches (and hybrid's sum over pipelines) is then the mean.
-        return F.cross_entropy(logits, labels, reduction="sum") * self._scale
+        loss = F.cross_entropy(logits, labels, reduction="sum") * self._scale
+        self._mb_losses.append(loss)
+        return loss
 
     def _keep_only_own_parts(self, model: nn.Module) -> None:
         own = set(model_parts(self.cfg, self.rank))
@@ -264,12 +280,14 @@ class PipelineParallel(Trainer):
             raise ValueError(f"{x.shape[0]} samples do not split into {self.cfg.micro_batches} "
                              "equal micro-batches")
         self._scale = 1.0 / batch
+        self._mb_losses, self._losses_freed, self._backwards = [], 0, 0
         losses: list[torch.Tensor] = []
         self.phase = "forward"
         args = (x,) if self.lay.first else ()
         target = y if self.lay.last else None
         self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
         loss_sum = torch.stack([l.detach() for l in losses]).sum() if self.lay.last else None
+        self._mb_losses = []
         densify_grads(self._sparse)
         loss, comm_s = self._sync(loss_sum)
         self.phase = "optimizer"
@@ -298,6 +316,7 @@ class PipelineParallel(Trainer):
         result is dropped.
         """
         self.phase = "eval"
+        self._mb_losses = []  # the loss hook runs here too (no graphs: nothing to free)
         sl = self._share(ids.shape[0])
         x, y = ids[sl].to(self.device), labels[sl].to(self.device)
         if x.shape[0] % self.cfg.micro_batches:
